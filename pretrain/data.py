@@ -1,0 +1,171 @@
+"""Datasets, MoCo-v2 views and a resumable sampler.
+
+Augmentations are a pure function of (seed, epoch, image index): every sample's transforms run under a torch RNG
+seeded from those three numbers. A resumed run therefore sees exactly the views an uninterrupted run would, whatever
+the number of workers or processes.
+"""
+import logging
+import os
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(RuntimeError):
+    pass
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` (ImageNet's layout) with unreadable images reported by path.
+
+    ``self[i]`` returns ``(PIL RGB image, class index)`` or raises :class:`CorruptImageError` naming the file.
+    """
+
+    def __init__(self, root: str, transform: Callable = None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset folder {root!r} does not exist; point DATA.TRAIN_DIR / DATA.VAL_DIR at an "
+                                    f"ImageFolder root (e.g. imagenet/train) or generate one with tools/make_data.py")
+        self.root = root
+        self.classes, self.class_to_idx = find_classes(root)
+        self.samples: List[Tuple[str, int]] = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated / non-image / broken files
+            raise CorruptImageError(f"cannot read image {path}: {e}. Replace or delete the file, or set "
+                                    f"DATA.SKIP_CORRUPT True to skip unreadable images (they are counted in the log)") from e
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def moco_v2_transform(size: int, scale=(0.2, 1.0), blur_sigma=(0.1, 2.0), mean=(0.485, 0.456, 0.406),
+                      std=(0.229, 0.224, 0.225)) -> Callable:
+    """MoCo-v2's augmentation (REFERENCE.md): RandomResizedCrop, colour jitter p=0.8, grayscale p=0.2,
+    Gaussian blur p=0.5, horizontal flip. The blur kernel spans ~10% of the crop (SimCLR)."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(scale)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=tuple(blur_sigma))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Callable:
+    """Resize to size/0.875 (256 for 224) then centre-crop ``size``: the linear-eval / kNN protocol."""
+    return T.Compose([T.Resize(int(round(size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (((seed * 1_000_003) ^ epoch) * 2_654_435_761 + index) % (2 ** 63)
+
+
+class MultiViewDataset(Dataset):
+    """Two independently augmented views of one image, indexed by ``(epoch, index)``.
+
+    Returns ``((view1, view2), label, skipped)``; ``skipped`` counts unreadable images passed over to reach this one
+    (only with ``skip_corrupt``; otherwise an unreadable image raises :class:`CorruptImageError`).
+    """
+
+    def __init__(self, base: ImageFolder, transform: Callable, seed: int, num_views: int = 2,
+                 skip_corrupt: bool = False):
+        self.base, self.transform, self.seed = base, transform, seed
+        self.num_views, self.skip_corrupt = num_views, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        skipped = 0
+        while True:
+            try:
+                img = self.base.load(index)
+                break
+            except CorruptImageError as e:
+                if not self.skip_corrupt:
+                    raise
+                skipped += 1
+                logger.warning("skipping %s", e)
+                if skipped >= len(self.base):
+                    raise CorruptImageError(f"no readable image in {self.base.root}") from e
+                index = (index + 1) % len(self.base)  # deterministic substitute keeps batches full
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            views = tuple(self.transform(img) for _ in range(self.num_views))
+        return views, self.base.targets[index], skipped
+
+
+class ResumableSampler(Sampler):
+    """Yields ``(epoch, index)`` for this process's share of one epoch, from iteration ``start_iter`` on.
+
+    The epoch's permutation depends only on (seed, epoch); it is cut into global batches of ``total_batch`` (the
+    incomplete tail is dropped), and process ``rank`` takes its contiguous slice of each. The global batches are
+    therefore the same for any number of processes, and a resumed run continues at the exact sample.
+    """
+
+    def __init__(self, dataset_len: int, total_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if total_batch % world_size:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {total_batch} is not divisible by the {world_size} processes")
+        self.iters_per_epoch = dataset_len // total_batch
+        if self.iters_per_epoch == 0:
+            raise ValueError(f"the dataset has {dataset_len} images, fewer than one batch of {total_batch}; lower "
+                             f"SOLVER.IMS_PER_BATCH or add data")
+        self.n, self.total_batch, self.local_batch = dataset_len, total_batch, total_batch // world_size
+        self.rank, self.seed, self.shuffle = rank, seed, shuffle
+        self.epoch, self.start_iter = 0, 0
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        self.epoch, self.start_iter = epoch, start_iter
+
+    def __len__(self) -> int:
+        return (self.iters_per_epoch - self.start_iter) * self.local_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        batches = order[:self.iters_per_epoch * self.total_batch].view(self.iters_per_epoch, self.total_batch)
+        mine = batches[self.start_iter:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        for index in mine.reshape(-1).tolist():
+            yield self.epoch, index
+
+
+def balanced_subset(targets: Sequence[int], max_items: int, seed: int = 0) -> List[int]:
+    """At most ``max_items`` indices, the same number per class where possible, chosen deterministically."""
+    if max_items <= 0 or max_items >= len(targets):
+        return list(range(len(targets)))
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    per_class = max(1, max_items // len(by_class))
+    chosen = []
+    for t in sorted(by_class):
+        idx = by_class[t]
+        perm = torch.randperm(len(idx), generator=g)[:per_class].tolist()
+        chosen.extend(idx[i] for i in perm)
+    return sorted(chosen)

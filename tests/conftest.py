@@ -1,0 +1,45 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads at the core count and never oversubscribe with DataLoader workers in tests.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def imagefolder(tmp_path_factory):
+    """A small synthetic ImageNet-layout dataset (4 classes, 16 train + 4 val images each, 32 px)."""
+    from pretrain.synthetic import write_imagefolder
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    write_imagefolder(str(root), num_classes=4, train_per_class=16, val_per_class=4, image_size=32, seed=0)
+    return root
+
+
+def tiny_cfg(output_dir, data_root, teacher_weights="", **overrides):
+    """A quickstart-sized config: resnet18 student at 32 px, batch 8, 2 epochs, no workers."""
+    from pretrain.config import setup_cfg
+
+    opts = {
+        "OUTPUT_DIR": str(output_dir), "DATA.TRAIN_DIR": str(data_root / "train"), "DATA.VAL_DIR": "",
+        "DATA.IMAGE_SIZE": 32, "DATA.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 8, "SOLVER.EPOCHS": 2,
+        "MODEL.MOCO.QUEUE_SIZE": 32, "MODEL.STUDENT.ARCH": "resnet18", "MODEL.STUDENT.HEAD.HIDDEN_DIM": 64,
+        "TRAIN.LOG_PERIOD": 1, "TRAIN.DETERMINISTIC": True, "SOLVER.BASE_LR": 0.3,
+        "METHOD": "disco" if teacher_weights else "moco", "MODEL.TEACHER.ARCH": "resnet18",
+        "MODEL.TEACHER.WEIGHTS": str(teacher_weights), "TEST.KNN.IMAGE_SIZE": 32,
+    }
+    opts.update(overrides)
+    return setup_cfg("", [x for kv in opts.items() for x in (kv[0], str(kv[1]))])
+
+
+@pytest.fixture(scope="session")
+def teacher_export(tmp_path_factory):
+    """A resnet18 'teacher' in our export format (random weights, a MoCo-v2 head 512 -> 64 -> 128)."""
+    from pretrain.checkpoint import export_encoder
+    from pretrain.model import build_encoder
+
+    torch.manual_seed(123)
+    enc = build_encoder("resnet18", 64, 128)
+    out = tmp_path_factory.mktemp("teacher")
+    return export_encoder(enc, "resnet18", str(out), "resnet18", {"method": "moco"})["backbone"]

@@ -1,0 +1,118 @@
+"""End-to-end pretraining on a tiny synthetic ImageFolder (CPU, 32 px)."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import pretrain.engine
+from conftest import tiny_cfg
+from pretrain.checkpoint import Checkpointer
+from pretrain.trainer import Trainer
+
+
+def _final_state(output_dir):
+    state, _ = Checkpointer(str(output_dir)).load_latest()
+    return state
+
+
+def _assert_bitwise_equal(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{path}[{i}]")
+
+
+def test_stopped_and_resumed_run_is_bitwise_equal(tmp_path, imagefolder, teacher_export):
+    # 64 images / batch 8 = 8 iterations per epoch, 2 epochs; the stop falls mid-epoch.
+    full = Trainer(tiny_cfg(tmp_path / "full", imagefolder, teacher_export))
+    exports = full.run()
+    part_cfg = tiny_cfg(tmp_path / "part", imagefolder, teacher_export, **{"TRAIN.STOP_AT_ITER": 11})
+    assert Trainer(part_cfg).run() is None
+    assert [os.path.basename(p) for p in Checkpointer(str(tmp_path / "part")).list()][0] == "model_0000011.pth"
+    resumed = Trainer(tiny_cfg(tmp_path / "part", imagefolder, teacher_export), require_checkpoint=True)
+    resumed.run()
+    assert resumed.iter == full.iter == 16
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
+    for key in ("student", "optimizer", "scheduler", "teacher_buffers", "iter"):
+        _assert_bitwise_equal(a[key], b[key], key)
+    # metrics.jsonl of the resumed run has each iteration once, with the required fields
+    recs = [json.loads(x) for x in open(tmp_path / "part" / "metrics.jsonl")]
+    iters = [r["iter"] for r in recs if "loss" in r]
+    assert iters == list(range(1, 17))
+    assert {"iter", "lr", "loss", "loss_dis", "loss_co"} <= set(recs[0])
+    assert all(r["loss_dis"] > 0 and r["loss_co"] > 0 for r in recs)
+    # the export loads strictly in timm and reproduces the student backbone
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, checkpoint_path=exports["backbone"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), full.model.student.encoder_q.backbone.eval()(x))
+    meta = torch.load(exports["backbone"], weights_only=True)
+    assert meta["teacher"]["weights"] == str(teacher_export) and meta["epoch"] == 2 and "DISCO" in meta["config"]
+    assert os.path.isfile(tmp_path / "full" / "config.yaml")
+
+
+def test_teacher_unchanged_and_queue_not_overwritten(tmp_path, imagefolder, teacher_export):
+    cfg = tiny_cfg(tmp_path / "run", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1, "TRAIN.STOP_AT_ITER": 3})
+    t = Trainer(cfg)
+    t.run()
+    before = {k: v.clone() for k, v in t.model.teacher.state_dict().items()}
+    resumed = Trainer(tiny_cfg(tmp_path / "run", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1}))
+    resumed.setup()
+    resumed.resume_or_start()
+    saved = _final_state(tmp_path / "run")["student"]
+    assert torch.equal(resumed.model.student.queue, saved["queue"])  # the resumed queue, not the teacher's
+    assert int(resumed.model.student.queue_ptr) == int(saved["queue_ptr"]) == (3 * 8) % 32
+    for k, v in resumed.model.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, monkeypatch):
+    real = pretrain.engine.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] == 4:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(pretrain.engine, "compute_losses", poisoned)
+    cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"TRAIN.CHECKPOINT_PERIOD": 2})
+    with pytest.raises(FloatingPointError, match=r"iteration 3.*model_0000002\.pth"):
+        Trainer(cfg).run()
+    assert [os.path.basename(p) for p in Checkpointer(str(tmp_path / "run")).list()] == ["model_0000002.pth"]
+    assert _final_state(tmp_path / "run")["iter"] == 2
+
+
+def test_knn_monitor_and_eval_only(tmp_path, imagefolder):
+    cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"DATA.VAL_DIR": str(imagefolder / "val"), "SOLVER.EPOCHS": 1})
+    Trainer(cfg).run()
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    knn = [r for r in recs if "knn_top1" in r]
+    assert len(knn) == 1 and 0 <= knn[0]["knn_top1"] <= 100
+    acc = Trainer(cfg).evaluate()
+    assert acc["top1"] == pytest.approx(knn[0]["knn_top1"])
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path, imagefolder):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(imagefolder / "train", data / "train")
+    victim = sorted((data / "train").rglob("*.jpg"))[5]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
+    cfg = tiny_cfg(tmp_path / "strict", data, **{"SOLVER.EPOCHS": 1})
+    with pytest.raises(RuntimeError, match=str(victim.name)):
+        Trainer(cfg).run()
+    cfg = tiny_cfg(tmp_path / "skip", data, **{"SOLVER.EPOCHS": 1, "DATA.SKIP_CORRUPT": True})
+    Trainer(cfg).run()
+    recs = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if "loss" in x]
+    assert recs[-1]["skipped_images"] == 1

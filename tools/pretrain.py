@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Pretrain a teacher with MoCo-v2 or distil a student with DisCo.
+
+    python tools/pretrain.py --config-file configs/pretrain/quickstart.yaml [--num-gpus N] [--resume] [KEY VALUE ...]
+"""
+import os
+import sys
+
+# This script shares its name with the `pretrain` package: keep tools/ off the import path so the package is found.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+from pretrain.launch import argument_parser, launch_local  # noqa: E402
+
+if __name__ == "__main__":
+    launch_local(argument_parser().parse_args())

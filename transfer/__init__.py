@@ -1,0 +1,1 @@
+"""What happens after pretraining: evaluators and detectron2 transfer."""
