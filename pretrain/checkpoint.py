@@ -84,6 +84,16 @@ def export_encoder(encoder: Encoder, arch: str, out_dir: str, name: str, metadat
     return {"backbone": backbone_path, "head": head_path}
 
 
+def load_exported_backbone(path: str) -> Tuple[torch.nn.Module, dict]:
+    """(backbone with the exported weights, metadata) from a ``{arch}.pth`` written by :func:`export_encoder`."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an export of this project (no format {EXPORT_FORMAT!r})")
+    backbone = build_backbone(ckpt["arch"])
+    load_strict(backbone, ckpt["state_dict"], f"exported backbone {path}")
+    return backbone, {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Teachers
 

@@ -86,7 +86,8 @@ _C.MODEL.MOCO = CN()
 _C.MODEL.MOCO.QUEUE_SIZE = 65536  # K, number of negative keys; must be a multiple of the total batch size
 _C.MODEL.MOCO.MOMENTUM = 0.999  # m, momentum of the key encoder update
 _C.MODEL.MOCO.TEMPERATURE = 0.2  # T, softmax temperature of InfoNCE (MoCo-v2: 0.2)
-_C.MODEL.MOCO.SHUFFLE_BN = True  # shuffle the key batch across processes (only has an effect when world size > 1)
+_C.MODEL.MOCO.SHUFFLE_BN = True  # shuffle the key batch before the momentum encoder (across processes if several)
+_C.MODEL.MOCO.BN_SPLITS = 1  # BN groups per process for the shuffled keys; >1 emulates multi-GPU shuffle-BN on one
 
 _C.LOSS = CN()
 _C.LOSS.DISCO = CN()
@@ -103,6 +104,8 @@ _C.DATA.VAL_DIR = ""  # ImageFolder root of a held-out split for the online kNN 
 _C.DATA.IMAGE_SIZE = 224  # RandomResizedCrop output size
 _C.DATA.CROP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range (MoCo-v2)
 _C.DATA.BLUR_SIGMA = (0.1, 2.0)  # GaussianBlur sigma range, applied with p=0.5 (MoCo-v2)
+_C.DATA.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue; applied with p=0.8 (MoCo-v2)
+_C.DATA.GRAYSCALE_P = 0.2  # probability of converting a view to grayscale (MoCo-v2)
 _C.DATA.NUM_WORKERS = 8  # DataLoader workers per process
 _C.DATA.SKIP_CORRUPT = False  # False: an unreadable image stops the run naming the file; True: skip it and count it
 _C.DATA.MEAN = (0.485, 0.456, 0.406)  # normalisation mean (RGB, 0-1)
@@ -113,8 +116,9 @@ _C.SOLVER.EPOCHS = 200  # training epochs over DATA.TRAIN_DIR
 _C.SOLVER.IMS_PER_BATCH = 256  # total batch over all processes (paper: 8 GPUs x 32)
 _C.SOLVER.BASE_LR = 0.03  # learning rate for REFERENCE_BATCH images; scaled linearly with IMS_PER_BATCH
 _C.SOLVER.REFERENCE_BATCH = 256  # batch size BASE_LR is defined for (MoCo: 0.03 per 256)
-_C.SOLVER.MOMENTUM = 0.9  # SGD momentum
-_C.SOLVER.WEIGHT_DECAY = 1e-4  # SGD weight decay
+_C.SOLVER.OPTIMIZER = "sgd"  # "sgd" (MoCo-v2, the paper) or "adamw" (ViT students; fast short CPU runs)
+_C.SOLVER.MOMENTUM = 0.9  # SGD momentum (AdamW: beta1)
+_C.SOLVER.WEIGHT_DECAY = 1e-4  # weight decay (decoupled for AdamW)
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warm-up epochs before the cosine schedule (MoCo-v2: 0)
 _C.SOLVER.COSINE_PER_ITER = False  # False: cosine steps once per epoch as MoCo-v2; True: smooth per-iteration cosine
 
@@ -161,6 +165,8 @@ def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
 def validate_cfg(cfg: CfgNode) -> None:
     if cfg.METHOD not in ("disco", "moco"):
         raise ValueError(f"METHOD must be 'disco' or 'moco', got {cfg.METHOD!r}")
+    if cfg.SOLVER.OPTIMIZER not in ("sgd", "adamw"):
+        raise ValueError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.TRAIN.AMP.DTYPE not in ("bfloat16", "float16"):
         raise ValueError(f"TRAIN.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.TRAIN.AMP.DTYPE!r}")
     if cfg.METHOD == "disco" and not cfg.MODEL.TEACHER.WEIGHTS:

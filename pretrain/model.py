@@ -30,10 +30,12 @@ def build_encoder(arch: str, hidden_dim: int, out_dim: int, num_layers: int = 2,
 class MoCoV2(nn.Module):
     """MoCo-v2 (He et al. 2020; Chen et al. 2020): query encoder, momentum key encoder and a queue of keys."""
 
-    def __init__(self, encoder: Encoder, queue_size: int = 65536, momentum: float = 0.999, shuffle_bn: bool = True):
+    def __init__(self, encoder: Encoder, queue_size: int = 65536, momentum: float = 0.999, shuffle_bn: bool = True,
+                 bn_splits: int = 1):
         super().__init__()
         self.momentum = momentum
         self.shuffle_bn = shuffle_bn
+        self.bn_splits = bn_splits
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)
         self.encoder_k.requires_grad_(False)
@@ -59,12 +61,25 @@ class MoCoV2(nn.Module):
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
-        """Key embeddings (NxC) of the momentum encoder. With several processes the batch is shuffled across them
-        first (shuffle-BN), so BatchNorm statistics cannot leak which key belongs to which query."""
-        if self.shuffle_bn and get_world_size() > 1:
+        """Key embeddings (NxC) of the momentum encoder, with shuffle-BN: the key batch is shuffled (across
+        processes when there are several, else locally) and forwarded in ``bn_splits`` groups per process, so the
+        BatchNorm statistics of a key never come from the same group of images as its query's. Without it the
+        model can "cheat" through BN statistics (MoCo, sec. 3.3); on one process use ``bn_splits`` > 1."""
+        if not self.shuffle_bn:
+            return self.encoder_k(images)
+        if get_world_size() > 1:
             images, unshuffle = _shuffle_across_processes(images)
-            return _unshuffle_across_processes(self.encoder_k(images), unshuffle)
-        return self.encoder_k(images)
+            return _unshuffle_across_processes(self._split_forward(images), unshuffle)
+        perm = torch.randperm(images.shape[0], device=images.device)
+        return self._split_forward(images[perm])[torch.argsort(perm)]
+
+    def _split_forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.bn_splits <= 1:
+            return self.encoder_k(images)
+        if images.shape[0] % self.bn_splits:
+            raise ValueError(f"the per-process batch {images.shape[0]} is not divisible by MODEL.MOCO.BN_SPLITS "
+                             f"{self.bn_splits}")
+        return torch.cat([self.encoder_k(chunk) for chunk in images.chunk(self.bn_splits)])
 
 
 @torch.no_grad()

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from . import distributed as du
 from .backbones import get_spec
 from .checkpoint import Checkpointer, export_encoder, load_strict, load_teacher
 from .config import CfgNode, save_cfg
-from .data import ImageFolder, MultiViewDataset, ResumableSampler, balanced_subset, eval_transform, moco_v2_transform
+from .data import ImageFolder, MultiViewDataset, ResumableSampler, moco_v2_transform
 from .engine import train_step
 from .model import DisCo, MoCoV2, build_encoder
 
@@ -44,7 +44,8 @@ def setup_logging(output_dir: str, rank: int) -> None:
 def build_model(cfg: CfgNode) -> DisCo:
     s = cfg.MODEL.STUDENT
     student = MoCoV2(build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN),
-                     cfg.MODEL.MOCO.QUEUE_SIZE, cfg.MODEL.MOCO.MOMENTUM, cfg.MODEL.MOCO.SHUFFLE_BN)
+                     cfg.MODEL.MOCO.QUEUE_SIZE, cfg.MODEL.MOCO.MOMENTUM, cfg.MODEL.MOCO.SHUFFLE_BN,
+                     cfg.MODEL.MOCO.BN_SPLITS)
     if s.WEIGHTS:
         sd = torch.load(s.WEIGHTS, map_location="cpu", weights_only=True)
         load_strict(student.encoder_q.backbone, sd.get("state_dict", sd), f"student weights {s.WEIGHTS}")
@@ -101,8 +102,9 @@ class Trainer:
                              f"SOLVER.IMS_PER_BATCH {total_batch} (the queue advances one global batch per step)")
         self.sampler = ResumableSampler(len(base), total_batch, self.rank, self.world, cfg.SEED)
         d = cfg.DATA
-        dataset = MultiViewDataset(base, moco_v2_transform(d.IMAGE_SIZE, d.CROP_SCALE, d.BLUR_SIGMA, d.MEAN, d.STD),
-                                   cfg.SEED, skip_corrupt=d.SKIP_CORRUPT)
+        transform = moco_v2_transform(d.IMAGE_SIZE, d.CROP_SCALE, d.BLUR_SIGMA, d.MEAN, d.STD, d.COLOR_JITTER,
+                                      d.GRAYSCALE_P)
+        dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT)
         self.loader = DataLoader(dataset, batch_size=self.sampler.local_batch, sampler=self.sampler, drop_last=True,
                                  num_workers=d.NUM_WORKERS, pin_memory=self.device.type == "cuda",
                                  persistent_workers=d.NUM_WORKERS > 0)
@@ -115,8 +117,13 @@ class Trainer:
         self.model_ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type ==
                                                   "cuda" else None) if self.world > 1 else self.model)
         lr = cfg.SOLVER.BASE_LR * total_batch / cfg.SOLVER.REFERENCE_BATCH
-        self.optimizer = torch.optim.SGD(self.model.student.encoder_q.parameters(), lr=lr,
-                                         momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        params = self.model.student.encoder_q.parameters()  # the teacher and the key encoder are never optimised
+        if cfg.SOLVER.OPTIMIZER == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.SOLVER.MOMENTUM,
+                                             weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.SOLVER.MOMENTUM, 0.999),
+                                               weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, cfg.TRAIN.MAX_TO_KEEP)
         self.iter, self.skipped_images = 0, 0
@@ -265,6 +272,9 @@ class Trainer:
             if writer is not None:
                 writer.close()
                 metrics.close()
+        # DDP keeps the replicas' parameters identical (BN running statistics stay per process, as in MoCo)
+        checksum = sum(p.double().sum().item() for p in self.model.student.encoder_q.parameters())
+        logger.info("iteration %d: student parameter checksum %r", self.iter, checksum)
         if self.iter < self.max_iter:
             logger.info("stopped at iteration %d of %d (TRAIN.STOP_AT_ITER); resume to continue", self.iter,
                         self.max_iter)
@@ -291,27 +301,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def build_knn_data(self):
+        from transfer.knn import build_knn_loaders
+
         cfg, d = self.cfg, self.cfg.DATA
-        tf = eval_transform(cfg.TEST.KNN.IMAGE_SIZE, d.MEAN, d.STD)
-        train = ImageFolder(d.TRAIN_DIR, tf)
-        val = ImageFolder(d.VAL_DIR, tf)
-        if val.classes != train.classes:
-            raise ValueError(f"DATA.VAL_DIR classes differ from DATA.TRAIN_DIR's ({len(val.classes)} vs "
-                             f"{len(train.classes)}); the kNN monitor needs the same class folders")
-        bank = Subset(train, balanced_subset(train.targets, cfg.TEST.KNN.MAX_TRAIN_IMAGES, cfg.SEED))
-        kw = dict(batch_size=max(1, self.sampler.local_batch), num_workers=d.NUM_WORKERS, shuffle=False)
-        return DataLoader(bank, **kw), DataLoader(val, **kw), len(train.classes)
+        return build_knn_loaders(d.TRAIN_DIR, d.VAL_DIR, cfg.TEST.KNN.IMAGE_SIZE, cfg.TEST.KNN.MAX_TRAIN_IMAGES,
+                                 max(1, self.sampler.local_batch), d.NUM_WORKERS, cfg.SEED, d.MEAN, d.STD)
 
     def knn_eval(self) -> Dict[str, float]:
-        from transfer.knn import extract_features, knn_accuracy
+        from transfer.knn import knn_evaluate
 
-        bank_loader, val_loader, num_classes = self.knn_data
-        backbone = self.model.student.encoder_q.backbone
-        kw = dict(amp_dtype=self.amp_dtype, channels_last=self.cfg.MODEL.CHANNELS_LAST)
-        train_f, train_l = extract_features(backbone, bank_loader, self.device, **kw)
-        val_f, val_l = extract_features(backbone, val_loader, self.device, **kw)
-        return knn_accuracy(train_f, train_l, val_f, val_l, num_classes, self.cfg.TEST.KNN.K,
-                            self.cfg.TEST.KNN.TEMPERATURE)
+        return knn_evaluate(self.model.student.encoder_q.backbone, self.knn_data, self.device, self.cfg.TEST.KNN.K,
+                            self.cfg.TEST.KNN.TEMPERATURE, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
 
     def _maybe_knn(self, epochs_done: int, writer, metrics) -> None:
         period = self.cfg.TEST.KNN.PERIOD
@@ -358,3 +358,17 @@ def export_student(encoder, cfg: CfgNode, iteration: int, epoch: int, out_dir: s
         paths = export_encoder(encoder, arch, out_dir or os.path.join(cfg.OUTPUT_DIR, "export"), arch, meta)
         logger.info("exported %s", paths)
     return paths
+
+
+def export_from_checkpoint(checkpoint: str, out_dir: str) -> Dict[str, str]:
+    """Export the student of an iteration checkpoint; its config travels inside the checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "student" not in state or "cfg" not in state:
+        raise ValueError(f"{checkpoint} is not a pretraining checkpoint of this project (no 'student' / 'cfg')")
+    cfg = CfgNode.load_cfg(state["cfg"])
+    s = cfg.MODEL.STUDENT
+    encoder = build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN)
+    prefix = "encoder_q."
+    load_strict(encoder, {k[len(prefix):]: v for k, v in state["student"].items() if k.startswith(prefix)},
+                f"student of {checkpoint}")
+    return export_student(encoder, cfg, state["iter"], state["epoch"], out_dir)

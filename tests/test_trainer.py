@@ -116,3 +116,23 @@ def test_corrupt_image_skipped_and_counted(tmp_path, imagefolder):
     Trainer(cfg).run()
     recs = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if "loss" in x]
     assert recs[-1]["skipped_images"] == 1
+
+
+def test_export_from_checkpoint_cli(tmp_path, imagefolder):
+    import subprocess
+    import sys
+
+    cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"SOLVER.EPOCHS": 1, "TRAIN.STOP_AT_ITER": 2})
+    t = Trainer(cfg)
+    t.run()
+    ckpt = Checkpointer(str(tmp_path / "run")).list()[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), ckpt, str(tmp_path / "exp")],
+                         check=True, capture_output=True, text=True).stdout
+    assert "backbone" in out
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0,
+                              checkpoint_path=str(tmp_path / "exp" / "resnet18.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), t.model.student.encoder_q.backbone.eval()(x))
+    assert torch.load(tmp_path / "exp" / "resnet18.pth", weights_only=True)["iteration"] == 2

@@ -6,6 +6,9 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from pretrain.data import ImageFolder, balanced_subset, eval_transform
 
 
 @torch.no_grad()
@@ -52,3 +55,28 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     correct = top == test_labels.view(-1, 1)
     return {"top1": 100.0 * correct[:, 0].float().mean().item(),
             "top5": 100.0 * correct.any(dim=1).float().mean().item()}
+
+
+def build_knn_loaders(train_dir: str, val_dir: str, image_size: int, max_train_images: int = 0,
+                      batch_size: int = 256, num_workers: int = 0, seed: int = 0,
+                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Tuple[DataLoader, DataLoader, int]:
+    """(feature-bank loader over a class-balanced subset of ``train_dir``, ``val_dir`` loader, number of classes),
+    both with the resize / centre-crop evaluation transform."""
+    tf = eval_transform(image_size, mean, std)
+    train, val = ImageFolder(train_dir, tf), ImageFolder(val_dir, tf)
+    if val.classes != train.classes:
+        raise ValueError(f"{val_dir} and {train_dir} have different class folders ({len(val.classes)} vs "
+                         f"{len(train.classes)}); kNN needs the same classes in both")
+    bank = Subset(train, balanced_subset(train.targets, max_train_images, seed))
+    kw = dict(batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    return DataLoader(bank, **kw), DataLoader(val, **kw), len(train.classes)
+
+
+def knn_evaluate(backbone: torch.nn.Module, loaders: Tuple[DataLoader, DataLoader, int], device: torch.device,
+                 k: int = 20, temperature: float = 0.07, amp_dtype=None, channels_last: bool = False
+                 ) -> Dict[str, float]:
+    """kNN top-1 / top-5 (%) of ``backbone``'s pooled features: ``loaders`` from :func:`build_knn_loaders`."""
+    bank_loader, val_loader, num_classes = loaders
+    train_f, train_l = extract_features(backbone, bank_loader, device, amp_dtype, channels_last)
+    val_f, val_l = extract_features(backbone, val_loader, device, amp_dtype, channels_last)
+    return knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature)

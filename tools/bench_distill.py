@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Benchmark the DisCo distillation step against a faithful re-implementation of the official step.
+
+    python tools/bench_distill.py [--pairs resnet50:resnet18 resnet50:efficientnet_b0] [--image-size 112]
+                                  [--batch 32] [--queue 65536] [--steps 6] [--device cpu|cuda]
+
+Each (variant, teacher, student) runs in its own subprocess, so peak memory (CPU: peak RSS; GPU: peak allocated)
+is measured cleanly; all variants run in this one invocation on the same machine and the ratios are printed.
+
+reference  the official DisCo-pytorch step: fp32, teacher BN in train mode, one teacher forward per view, an unused
+           second teacher copy held in memory, sum-reduced MSE.
+ours       pretrain.engine.train_step on pretrain.model.DisCo: teacher in eval mode and one forward over both views,
+           no second copy, bf16 autocast + channels_last (``--no-amp`` / ``--no-channels-last`` to switch off).
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # keep tools/ (which has a pretrain.py) off the import path
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def reference_step_fn(teacher_arch, student_arch, queue_size, device):
+    """The official training step, re-implemented (no code copied): returns step(view1, view2)."""
+    from pretrain.model import build_encoder
+
+    enc_q = build_encoder(student_arch, 2048, 128).to(device)
+    enc_k = copy.deepcopy(enc_q).requires_grad_(False)
+    teacher = build_encoder(teacher_arch, 2048, 128).to(device).requires_grad_(False)
+    teacher_unused = copy.deepcopy(teacher)  # the official builder's second teacher encoder, never used
+    for m in (enc_q, enc_k, teacher, teacher_unused):
+        m.train()  # model.train() on the whole wrapper: teacher BN in train mode
+    queue = F.normalize(torch.randn(128, queue_size, device=device), dim=0)
+    ptr = [0]
+    opt = torch.optim.SGD(enc_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    mse = torch.nn.MSELoss(reduction="sum")
+
+    def step(im_q, im_k):
+        q = enc_q(im_q)
+        qk = enc_q(im_k)
+        with torch.no_grad():
+            for p_q, p_k in zip(enc_q.parameters(), enc_k.parameters()):
+                p_k.mul_(0.999).add_(p_q.detach(), alpha=0.001)
+            k = enc_k(im_k)
+            tq = teacher(im_q)
+            tqk = teacher(im_k)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, queue.clone().detach())
+        logits = torch.cat([l_pos, l_neg], 1) / 0.2
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+        loss = F.cross_entropy(logits, labels) + mse(q, tq) + mse(qk, tqk)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            b = k.shape[0]
+            queue[:, ptr[0]:ptr[0] + b] = k.t()
+            ptr[0] = (ptr[0] + b) % queue_size
+        return loss
+
+    step.keep = teacher_unused
+    return step
+
+
+def ours_step_fn(teacher_arch, student_arch, queue_size, device, amp, channels_last):
+    from pretrain.engine import train_step
+    from pretrain.model import DisCo, MoCoV2, build_encoder
+
+    model = DisCo(MoCoV2(build_encoder(student_arch, 2048, 128), queue_size, 0.999),
+                  build_encoder(teacher_arch, 2048, 128)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.student.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+
+    def step(im_q, im_k):
+        if channels_last:
+            im_q = im_q.contiguous(memory_format=torch.channels_last)
+            im_k = im_k.contiguous(memory_format=torch.channels_last)
+        return train_step(model, [im_q, im_k], opt, None, dis_weight=32.0, co_weight=1.0, temperature=0.2,
+                          amp_dtype=torch.bfloat16 if amp else None)["loss"]
+
+    return step
+
+
+def measure(args) -> dict:
+    """Runs in the subprocess: build, warm up, time ``--steps`` steps, report images/s and peak memory."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    teacher, student = args.pair.split(":")
+    if args.variant == "reference":
+        step = reference_step_fn(teacher, student, args.queue, device)
+    else:
+        step = ours_step_fn(teacher, student, args.queue, device, args.amp, args.channels_last)
+    views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step(*views)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step(*views)
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return {"variant": args.variant, "pair": args.pair, "s_per_step": dt, "images_per_s": args.batch / dt,
+            "peak_gib": peak, "loss": float(loss), "threads": torch.get_num_threads()}
+
+
+def matmul_peak(device, dtype) -> float:
+    """Measured matmul throughput (TFLOP/s) of this device at ``dtype`` with 4096^2 (GPU) / 2048^2 (CPU) operands."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    reps = 50 if device.type == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def step_flops(pair: str, batch: int, size: int) -> float:
+    """FLOPs of one step of ours, from fvcore's counts: student fwd+bwd (x3) on 2 views, key fwd, teacher fwd x2."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from pretrain.model import build_encoder
+
+    teacher, student = pair.split(":")
+    x = torch.randn(1, 3, size, size)
+    f = {}
+    for name, arch in (("t", teacher), ("s", student)):
+        enc = build_encoder(arch, 2048, 128).eval()
+        fca = FlopCountAnalysis(enc, x)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        f[name] = 2 * fca.total()  # fvcore counts one fused multiply-add as one flop
+    return batch * (2 * 3 * f["s"] + f["s"] + 2 * f["t"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=["resnet50:resnet18", "resnet50:efficientnet_b0"],
+                   help="teacher:student pairs")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=32, help="per-process batch (the paper's per-GPU batch)")
+    p.add_argument("--queue", type=int, default=65536)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    # internal: one measurement in a subprocess
+    p.add_argument("--variant", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--pair", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args)))
+        return
+
+    results = []
+    for pair in args.pairs:
+        for variant in ("reference", "ours"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--pair", pair,
+                   "--image-size", str(args.image_size), "--batch", str(args.batch), "--queue", str(args.queue),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+            cmd += [] if args.amp else ["--no-amp"]
+            cmd += [] if args.channels_last else ["--no-channels-last"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"  {pair:28s} {variant:9s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB",
+                  flush=True)
+
+    device = torch.device(args.device)
+    print(f"\n{device.type}, {torch.get_num_threads()} threads, batch {args.batch}, {args.image_size} px, "
+          f"queue {args.queue}; ours: AMP {'bf16' if args.amp else 'off'}, channels_last {args.channels_last}")
+    print(f"{'teacher:student':28s} {'ref img/s':>10s} {'ours img/s':>11s} {'speed x':>8s} {'ref GiB':>8s} "
+          f"{'ours GiB':>9s} {'memory x':>9s}")
+    summary = []
+    peak_tflops = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32)
+    for pair in args.pairs:
+        ref, ours = (next(r for r in results if r["pair"] == pair and r["variant"] == v) for v in ("reference", "ours"))
+        row = {"pair": pair, "reference": ref, "ours": ours, "speedup": ours["images_per_s"] / ref["images_per_s"],
+               "memory_ratio": ours["peak_gib"] / ref["peak_gib"]}
+        row["ours_tflops"] = step_flops(pair, args.batch, args.image_size) / ours["s_per_step"] / 1e12
+        row["fraction_of_matmul_peak"] = row["ours_tflops"] / peak_tflops
+        summary.append(row)
+        print(f"{pair:28s} {ref['images_per_s']:10.1f} {ours['images_per_s']:11.1f} {row['speedup']:8.2f} "
+              f"{ref['peak_gib']:8.2f} {ours['peak_gib']:9.2f} {row['memory_ratio']:9.2f}")
+    print(f"\nmeasured {'bf16' if args.amp else 'fp32'} matmul peak: {peak_tflops:.2f} TFLOP/s; ours reaches "
+          + ", ".join(f"{r['pair']} {r['ours_tflops']:.3f} TFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}%)"
+                      for r in summary))
+    print("targets: speed x >= 1.5, memory x <= 0.7")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "matmul_peak_tflops": peak_tflops, "results": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

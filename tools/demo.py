@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""The README's main job, end to end on the CPU in minutes:
+
+1. write a synthetic ImageNet-layout dataset (``tools/make_data.py imagefolder``);
+2. pretrain a small MoCo-v2 teacher (``configs/pretrain/quickstart_teacher.yaml``);
+3. distil a student from it with DisCo (``quickstart.yaml``) and, with the same budget, train the same student with
+   MoCo-v2 only (``quickstart_moco.yaml``) -- the two students train side by side in two processes;
+4. print the kNN accuracy of the teacher and both students on the held-out split, and write ``results.json``.
+
+Every stage auto-resumes from its OUTPUT_DIR, so an interrupted demo continues where it stopped.
+
+    python tools/demo.py [--output-dir runs/demo] [KEY VALUE ...]   (overrides apply to all three runs)
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # keep tools/ (which has a pretrain.py) off the import path
+
+import torch  # noqa: E402
+
+from pretrain.checkpoint import load_exported_backbone  # noqa: E402
+from pretrain.config import setup_cfg  # noqa: E402
+from pretrain.synthetic import write_imagefolder  # noqa: E402
+from pretrain.trainer import Trainer  # noqa: E402
+from transfer.knn import build_knn_loaders, knn_evaluate  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs", "pretrain")
+
+
+def stage_cfg(name: str, out: str, data: str, opts, extra=()):
+    return setup_cfg(os.path.join(CONFIGS, name), ["OUTPUT_DIR", os.path.join(out, name.replace(".yaml", "")),
+                                                   "DATA.TRAIN_DIR", os.path.join(data, "train"),
+                                                   "DATA.VAL_DIR", os.path.join(data, "val"), *extra, *opts])
+
+
+def train(cfg, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    exports = Trainer(cfg).run()
+    return {"export": exports["backbone"], "head": exports["head"], "minutes": (time.perf_counter() - t0) / 60}
+
+
+def _train_in_child(cfg, threads, queue):
+    try:
+        queue.put(("ok", train(cfg, threads)))
+    except BaseException as e:  # report, never hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def train_side_by_side(cfgs):
+    """Train several configs at once, one single-threaded process each: on a small CPU, two 1-thread processes get
+    far more done than one 2-thread process on these tiny images."""
+    ctx = mp.get_context("spawn")
+    queues, procs = [], []
+    for cfg in cfgs:
+        q = ctx.Queue()
+        p = ctx.Process(target=_train_in_child, args=(cfg, 1, q))
+        p.start()
+        queues.append(q)
+        procs.append(p)
+    results = []
+    for cfg, p, q in zip(cfgs, procs, queues):
+        status, value = q.get()
+        p.join()
+        if status != "ok":
+            raise RuntimeError(f"training {cfg.OUTPUT_DIR} failed: {value}")
+        results.append(value)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for all three runs")
+    args = p.parse_args()
+    out = os.path.abspath(args.output_dir)
+    t0 = time.perf_counter()
+
+    data = os.path.join(out, "data")
+    info = write_imagefolder(data, num_classes=args.num_classes, train_per_class=args.train_per_class,
+                             val_per_class=args.val_per_class, image_size=args.image_size, seed=0)
+    print(f"[demo] data: {data} ({info['num_classes']} classes, {info['splits']} images per class, "
+          f"{args.image_size} px)", flush=True)
+
+    size = ["DATA.IMAGE_SIZE", str(args.image_size), "TEST.KNN.IMAGE_SIZE", str(args.image_size)]
+    teacher_cfg = stage_cfg("quickstart_teacher.yaml", out, data, args.opts, size)
+    print(f"[demo] 1/3 MoCo-v2 teacher {teacher_cfg.MODEL.STUDENT.ARCH}, {teacher_cfg.SOLVER.EPOCHS} epochs",
+          flush=True)
+    teacher = train(teacher_cfg, 1)  # 1 compute thread + 1 data worker beats 2 threads on 32-px images
+
+    disco_cfg = stage_cfg("quickstart.yaml", out, data, args.opts,
+                          size + ["MODEL.TEACHER.WEIGHTS", teacher["export"],
+                                  "MODEL.TEACHER.ARCH", teacher_cfg.MODEL.STUDENT.ARCH])
+    moco_cfg = stage_cfg("quickstart_moco.yaml", out, data, args.opts, size)
+    print(f"[demo] 2/3 students {disco_cfg.MODEL.STUDENT.ARCH}, {disco_cfg.SOLVER.EPOCHS} epochs each: DisCo and "
+          f"MoCo-v2 side by side", flush=True)
+    disco, moco = train_side_by_side([disco_cfg, moco_cfg])
+
+    print("[demo] 3/3 kNN evaluation on the held-out split", flush=True)
+    loaders = build_knn_loaders(os.path.join(data, "train"), os.path.join(data, "val"), args.image_size,
+                                batch_size=256)
+    rows = [("teacher (MoCo-v2)", teacher_cfg, teacher), ("student DisCo", disco_cfg, disco),
+            ("student MoCo-v2", moco_cfg, moco)]
+    results = {"data": {"root": data, **{k: info[k] for k in ("num_classes", "splits", "image_size", "seed")}}}
+    for name, cfg, res in rows:
+        backbone, meta = load_exported_backbone(res["export"])
+        acc = knn_evaluate(backbone, loaders, torch.device("cpu"), cfg.TEST.KNN.K, cfg.TEST.KNN.TEMPERATURE)
+        params = sum(p.numel() for p in backbone.parameters()) / 1e6
+        results[name] = {"arch": meta["arch"], "method": meta["method"], "params_m": round(params, 2),
+                         "epochs": meta["epoch"], "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2),
+                         "train_minutes": round(res["minutes"], 2), "export": res["export"], "head": res["head"],
+                         "output_dir": cfg.OUTPUT_DIR}
+    results["minutes_total"] = round((time.perf_counter() - t0) / 60, 2)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    print(f"\n{'model':20s} {'arch':24s} {'params':>7s} {'epochs':>6s} {'kNN top-1':>10s} {'kNN top-5':>10s}")
+    for name, _, _ in rows:
+        r = results[name]
+        print(f"{name:20s} {r['arch']:24s} {r['params_m']:6.2f}M {r['epochs']:6d} {r['knn_top1']:10.2f} "
+              f"{r['knn_top5']:10.2f}")
+    chance = 100.0 / info["num_classes"]
+    print(f"(weighted kNN, k={teacher_cfg.TEST.KNN.K}, on {info['splits']['val'] * info['num_classes']} held-out "
+          f"images; chance = {chance:.1f}%) total {results['minutes_total']:.1f} min; {os.path.join(out, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()
