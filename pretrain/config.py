@@ -124,7 +124,8 @@ _C.SOLVER.COSINE_PER_ITER = False  # False: cosine steps once per epoch as MoCo-
 
 _C.TRAIN = CN()
 _C.TRAIN.AMP = CN()
-_C.TRAIN.AMP.ENABLED = False  # autocast mixed precision for the forward passes
+_C.TRAIN.AMP.ENABLED = False  # autocast mixed precision for the student's (query and key) forward passes
+_C.TRAIN.AMP.TEACHER = False  # autocast for the frozen teacher's forward (no gradients, usually the largest cost)
 _C.TRAIN.AMP.DTYPE = "bfloat16"  # "bfloat16" (no loss scaling) or "float16" (GradScaler, GPU only)
 _C.TRAIN.CHECKPOINT_PERIOD = 1000  # iterations between checkpoints (also written at the end of each epoch and on exit)
 _C.TRAIN.MAX_TO_KEEP = 3  # newest iteration checkpoints kept on disk

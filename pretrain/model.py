@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import build_backbone, feature_dim
-from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size
+from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size  # noqa: F401
 from .heads import build_head
 
 
@@ -102,20 +102,29 @@ def _unshuffle_across_processes(x: torch.Tensor, unshuffle: torch.Tensor) -> tor
 class DisCo(nn.Module):
     """A MoCo-v2 student and, for DisCo, a frozen teacher encoder (no gradients, not in the optimizer).
 
-    ``forward(view1, view2)`` returns a dict of L2-normalised embeddings:
-        q, q2: student query encoder on view 1 / view 2 (E_s, E'_s; q2 only with a teacher)  NxC, with gradients
-        k:     momentum encoder on view 2 (E'_m)                          NxC
-        queue: the negatives before this batch was enqueued              CxK
-        t, t2: teacher on view 1 / view 2 (E_t, E'_t), absent without a teacher
+    A step has two parts (see ``pretrain.engine.train_step``):
+      ``targets(view1, view2)``, without gradients: momentum update, then a dict of L2-normalised
+        k:      momentum encoder on view 2 (E'_m)                            NxC
+        queue:  the negatives, as they were before this batch                CxK  (enqueue after the step)
+        t, t2:  teacher on view 1 / view 2 (E_t, E'_t), absent without a teacher
+      ``forward(images)``: the student query encoder (E_s or E'_s, NxC), the only part with gradients; it is what
+        DistributedDataParallel wraps.
+    Running the teacher before the student keeps its activations from ever coexisting with the student's graph.
     """
 
-    def __init__(self, student: MoCoV2, teacher: Optional[Encoder] = None, teacher_bn_train: bool = False):
+    def __init__(self, student: MoCoV2, teacher: Optional[Encoder] = None, teacher_bn_train: bool = False,
+                 teacher_amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.teacher_bn_train = teacher_bn_train
+        self.teacher_amp_dtype = teacher_amp_dtype
         if teacher is not None:
             teacher.requires_grad_(False)
+            if teacher_amp_dtype is not None and not teacher_bn_train:
+                # frozen weights are only ever used in low precision: store them so (half the memory, no per-step
+                # autocast casts); with BN_TRAIN the running statistics keep accumulating in float32
+                teacher.to(teacher_amp_dtype)
         self.train()
 
     def train(self, mode: bool = True):
@@ -124,18 +133,24 @@ class DisCo(nn.Module):
             self.teacher.eval()  # frozen: BatchNorm uses (and keeps) its pretrained running statistics
         return self
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = {"q": self.student.encoder_q(view1)}
-        if self.teacher is not None:  # E'_s is only needed for distillation; plain MoCo-v2 skips it
-            out["q2"] = self.student.encoder_q(view2)
-        with torch.no_grad():
-            self.student.momentum_update()
-            out["k"] = self.student.keys(view2)
-            out["queue"] = self.student.queue.clone()
-            if self.teacher is not None:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.encoder_q(images)
+
+    @torch.no_grad()
+    def targets(self, view1: torch.Tensor, view2: torch.Tensor, amp_dtype: Optional[torch.dtype] = None
+                ) -> Dict[str, torch.Tensor]:
+        """Everything the losses compare the student against. ``amp_dtype``: autocast of the key encoder (the
+        student's setting); the teacher uses ``teacher_amp_dtype``."""
+        device = view1.device.type
+        self.student.momentum_update()
+        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = {"k": self.student.keys(view2).float(), "queue": self.student.queue}
+        if self.teacher is not None:
+            dtype = self.teacher_amp_dtype
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if self.teacher.training:  # official behaviour: BN batch statistics per view
-                    out["t"], out["t2"] = self.teacher(view1), self.teacher(view2)
+                    t, t2 = self.teacher(view1), self.teacher(view2)
                 else:  # eval-mode BN is per-sample, so one forward over both views is exactly equivalent
-                    out["t"], out["t2"] = self.teacher(torch.cat([view1, view2])).chunk(2)
-            self.student.enqueue(concat_all_gather(out["k"]))
+                    t, t2 = self.teacher(torch.cat([view1, view2])).chunk(2)
+            out["t"], out["t2"] = t.float(), t2.float()
         return out

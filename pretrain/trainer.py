@@ -41,6 +41,10 @@ def setup_logging(output_dir: str, rank: int) -> None:
         log.addHandler(h)
 
 
+def amp_dtype(cfg: CfgNode, enabled: bool) -> Optional[torch.dtype]:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.TRAIN.AMP.DTYPE] if enabled else None
+
+
 def build_model(cfg: CfgNode) -> DisCo:
     s = cfg.MODEL.STUDENT
     student = MoCoV2(build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN),
@@ -59,7 +63,7 @@ def build_model(cfg: CfgNode) -> DisCo:
         if info["head"]["out_dim"] != s.HEAD.OUT_DIM:
             raise ValueError(f"teacher embeddings are {info['head']['out_dim']}-d but MODEL.STUDENT.HEAD.OUT_DIM is "
                              f"{s.HEAD.OUT_DIM}; set it to {info['head']['out_dim']}")
-    return DisCo(student, teacher, cfg.MODEL.TEACHER.BN_TRAIN)
+    return DisCo(student, teacher, cfg.MODEL.TEACHER.BN_TRAIN, amp_dtype(cfg, cfg.TRAIN.AMP.TEACHER))
 
 
 class Trainer:
@@ -87,12 +91,10 @@ class Trainer:
         np.random.seed(cfg.SEED)
         random.seed(cfg.SEED)
 
-        if cfg.TRAIN.AMP.ENABLED:
-            self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.TRAIN.AMP.DTYPE]
-            if self.amp_dtype == torch.float16 and self.device.type != "cuda":
-                raise ValueError("TRAIN.AMP.DTYPE float16 needs a GPU; use bfloat16 on the CPU")
-        else:
-            self.amp_dtype = None
+        self.amp_dtype = amp_dtype(cfg, cfg.TRAIN.AMP.ENABLED)
+        if cfg.TRAIN.AMP.DTYPE == "float16" and self.device.type != "cuda" and (cfg.TRAIN.AMP.ENABLED or
+                                                                              cfg.TRAIN.AMP.TEACHER):
+            raise ValueError("TRAIN.AMP.DTYPE float16 needs a GPU; use bfloat16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         base = ImageFolder(cfg.DATA.TRAIN_DIR)
@@ -107,7 +109,10 @@ class Trainer:
         dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT)
         self.loader = DataLoader(dataset, batch_size=self.sampler.local_batch, sampler=self.sampler, drop_last=True,
                                  num_workers=d.NUM_WORKERS, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=d.NUM_WORKERS > 0)
+                                 persistent_workers=d.NUM_WORKERS > 0,
+                                 # its own generator: creating an iterator must not draw from the global RNG, whose
+                                 # state the checkpoint restores (augmentations are seeded per sample anyway)
+                                 generator=torch.Generator().manual_seed(cfg.SEED))
         self.iters_per_epoch = self.sampler.iters_per_epoch
         self.max_iter = self.iters_per_epoch * cfg.SOLVER.EPOCHS
 
@@ -131,7 +136,7 @@ class Trainer:
         logger.info("%s: %s student%s, %d images, %d processes x %d, %d iters/epoch, %d epochs, lr %.4g, AMP %s",
                     cfg.METHOD, cfg.MODEL.STUDENT.ARCH, f" <- {cfg.MODEL.TEACHER.ARCH} teacher"
                     if cfg.METHOD == "disco" else "", len(base), self.world, self.sampler.local_batch,
-                    self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, cfg.TRAIN.AMP.DTYPE if self.amp_dtype else "off")
+                    self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, (cfg.TRAIN.AMP.DTYPE if self.amp_dtype else "off") + (" (teacher " + cfg.TRAIN.AMP.DTYPE + ")" if cfg.TRAIN.AMP.TEACHER else ""))
 
     def lr_factor(self, it: int) -> float:
         """Linear warm-up then cosine decay (per epoch as MoCo-v2, or per iteration)."""

@@ -85,24 +85,49 @@ def test_teacher_frozen_gradients_reach_only_student():
 def test_teacher_bn_train_switch_reproduces_official_behaviour():
     model = _disco(bn_train=True)
     before = _snapshot(model.teacher)
-    out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    out = model.targets(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert model.teacher.training
     changed = [k for k, v in model.teacher.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("running" in k or "num_batches" in k for k in changed)  # stats move, weights do not
-    assert set(out) == {"q", "q2", "k", "queue", "t", "t2"}
+    assert set(out) == {"k", "queue", "t", "t2"}
 
 
 def test_teacher_single_forward_equals_per_view_forward():
-    model = _disco().eval()
+    model = _disco()
     v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    out = model.train()(v1, v2)
+    out = model.targets(v1, v2)
     with torch.no_grad():
         torch.testing.assert_close(out["t"], model.teacher(v1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["t2"], model.teacher(v2), rtol=1e-5, atol=1e-5)
 
 
-def test_moco_only_skips_second_student_view():
+def test_per_view_backward_equals_joint_loss_gradient():
+    """train_step back-propagates one view at a time; the gradient must equal that of the summed loss L."""
+    from pretrain.engine import view_losses
+
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    grads = []
+    for per_view in (True, False):
+        model = _disco()
+        model.eval()  # eval-mode BN: the two orders of computation are then exactly comparable
+        opt = torch.optim.SGD(model.student.encoder_q.parameters(), lr=0.0)
+        if per_view:
+            train_step(model, views, opt, None, dis_weight=32.0, co_weight=1.0, temperature=0.2)
+        else:
+            tg = model.targets(*views)
+            total = sum(view_losses(i, model(v), tg, 32.0, 1.0, 0.2)["loss"] for i, v in enumerate(views))
+            total.backward()
+        grads.append([p.grad.clone() for p in model.student.encoder_q.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_moco_only_uses_one_student_view():
     model = DisCo(_moco(queue_size=8), None)
-    out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
-    assert set(out) == {"q", "k", "queue"}
-    assert torch.allclose(out["q"].norm(dim=1), torch.ones(4))
+    out = model.targets(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert set(out) == {"k", "queue"}
+    assert torch.allclose(out["k"].norm(dim=1), torch.ones(4))
+    opt = torch.optim.SGD(model.student.encoder_q.parameters(), lr=0.1)
+    losses = train_step(model, [torch.randn(4, 3, 32, 32)] * 2, opt, None, dis_weight=0.0, co_weight=1.0,
+                        temperature=0.2)
+    assert losses["loss_dis"] == 0 and losses["loss_co"] > 0 and int(model.student.queue_ptr) == 4

@@ -74,7 +74,7 @@ def test_teacher_unchanged_and_queue_not_overwritten(tmp_path, imagefolder, teac
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, monkeypatch):
-    real = pretrain.engine.compute_losses
+    real = pretrain.engine.view_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -84,7 +84,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, mo
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(pretrain.engine, "compute_losses", poisoned)
+    monkeypatch.setattr(pretrain.engine, "view_losses", poisoned)
     cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"TRAIN.CHECKPOINT_PERIOD": 2})
     with pytest.raises(FloatingPointError, match=r"iteration 3.*model_0000002\.pth"):
         Trainer(cfg).run()
