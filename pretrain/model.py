@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import build_backbone, feature_dim
-from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size  # noqa: F401
+from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size
 from .heads import build_head
 
 
