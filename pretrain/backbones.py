@@ -24,28 +24,18 @@ def _timm(arch: str, **kwargs) -> Callable[[], nn.Module]:
     return partial(timm.create_model, arch, pretrained=False, num_classes=0, **kwargs)
 
 
-def _restem(model: ResNet, channels: int, kernel: int, stride: int, maxpool: bool) -> ResNet:
-    """Replace a timm ResNet's single-conv stem (fixed at 64 channels in timm) by one of ``channels`` channels, and
-    rebuild the first block's input convolutions to match."""
-    model.conv1 = nn.Conv2d(3, channels, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False)
-    model.bn1 = nn.BatchNorm2d(channels)
-    if not maxpool:
-        model.maxpool = nn.Identity()
-    first = model.layer1[0]
-    first.conv1 = nn.Conv2d(channels, first.conv1.out_channels, kernel_size=first.conv1.kernel_size,
-                            stride=first.conv1.stride, padding=first.conv1.padding, bias=False)
-    if first.downsample is not None:
-        first.downsample[0] = nn.Conv2d(channels, first.downsample[0].out_channels, kernel_size=1,
-                                        stride=first.downsample[0].stride, bias=False)
-    model.feature_info[0]["num_chs"] = channels
-    return model
-
-
 def _resnet50x2() -> nn.Module:
     """SwAV's ResNet-50x2: every width doubled, the 7x7 stem included (not torchvision's wide_resnet50_2, which widens
-    only the bottleneck). SwAV pads 1 then convolves with padding 2, which equals the padding 3 used here."""
+    only the bottleneck). timm's 7x7 stem is fixed at 64 channels, so the stem and the first block's inputs are
+    rebuilt at 128. SwAV pads 1 then convolves with padding 2, which equals the padding 3 used here."""
     model = ResNet(Bottleneck, (3, 4, 6, 3), num_classes=0, channels=(128, 256, 512, 1024))
-    return _restem(model, 128, kernel=7, stride=2, maxpool=True)
+    model.conv1 = nn.Conv2d(3, 128, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(128)
+    first = model.layer1[0]
+    first.conv1 = nn.Conv2d(128, first.conv1.out_channels, kernel_size=1, bias=False)
+    first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, kernel_size=1, bias=False)
+    model.feature_info[0]["num_chs"] = 128
+    return model
 
 
 def _convnet(widths) -> Callable[[], nn.Module]:
