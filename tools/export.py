@@ -7,8 +7,10 @@ import argparse
 import os
 import sys
 
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # keep tools/ (which has a pretrain.py) off the import path
+# tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+    sys.path[0] = os.path.dirname(_TOOLS)
 
 from pretrain.trainer import export_from_checkpoint  # noqa: E402
 

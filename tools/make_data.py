@@ -12,8 +12,7 @@ import argparse
 import os
 import sys
 
-# tools/pretrain.py shares its name with the `pretrain` package and Python puts tools/ first on the path when
-# running a script from it: replace tools/ by the repository root so the package is found (installed or not).
+# tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)

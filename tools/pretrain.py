@@ -6,9 +6,10 @@
 import os
 import sys
 
-# This script shares its name with the `pretrain` package: keep tools/ off the import path so the package is found.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+# tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+    sys.path[0] = os.path.dirname(_TOOLS)
 
 from pretrain.launch import argument_parser, launch_local  # noqa: E402
 
