@@ -4,7 +4,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Dict, Optional
 
@@ -70,8 +72,24 @@ class Trainer:
     """Pretrain with ``cfg``. A run always continues from the newest readable checkpoint in OUTPUT_DIR (so a requeued
     or restarted job never overwrites its own progress); ``require_checkpoint`` makes a missing one an error."""
 
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # what SLURM / schedulers send before killing a job
+
     def __init__(self, cfg: CfgNode, require_checkpoint: bool = False):
         self.cfg, self.require_checkpoint = cfg, require_checkpoint
+        self.stop_requested = False  # set by request_stop(), e.g. from a signal handler
+        self.stopped_by_request = False
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Ask the run to checkpoint and stop at the next iteration boundary. Safe to call from a signal handler:
+        it only sets a flag; the loop (all processes together) saves a consistent checkpoint and returns."""
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal that reached any process stops all of them
+        return flag.item() > 0
 
     def __call__(self) -> Optional[Dict[str, str]]:
         return self.run()
@@ -240,6 +258,10 @@ class Trainer:
                        unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stdout.isatty() else 30.0)
         self.model_ddp.train()
         dis_w = cfg.LOSS.DISCO.WEIGHT if cfg.METHOD == "disco" else 0.0
+        previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.STOP_SIGNALS:
+                previous_handlers[sig] = signal.signal(sig, self.request_stop)
         t_last, n_last = time.perf_counter(), 0
         try:
             while self.iter < min(stop_at, self.max_iter):
@@ -265,6 +287,10 @@ class Trainer:
                     elif bar is not None:
                         bar.update(1)
                     end_of_epoch = self.iter % self.iters_per_epoch == 0
+                    if self._stop_agreed():
+                        self.stopped_by_request = True
+                        stop_at = self.iter
+                        logger.info("stop requested (signal): checkpointing at iteration %d", self.iter)
                     if self.iter % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or end_of_epoch or self.iter == stop_at:
                         self.save_checkpoint()
                     if self.iter >= stop_at and not end_of_epoch:
@@ -272,6 +298,8 @@ class Trainer:
                 else:  # a full epoch
                     self._maybe_knn(epoch + 1, writer, metrics)
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -281,8 +309,8 @@ class Trainer:
         checksum = sum(p.double().sum().item() for p in self.model.student.encoder_q.parameters())
         logger.info("iteration %d: student parameter checksum %r", self.iter, checksum)
         if self.iter < self.max_iter:
-            logger.info("stopped at iteration %d of %d (TRAIN.STOP_AT_ITER); resume to continue", self.iter,
-                        self.max_iter)
+            logger.info("stopped at iteration %d of %d (%s); run again to continue", self.iter, self.max_iter,
+                        "on request" if self.stopped_by_request else "TRAIN.STOP_AT_ITER")
             return None
         return self.export()
 
