@@ -1,36 +1,55 @@
-"""The entry point every launch goes through: local (one or several processes), torchrun, and the SLURM seam.
+"""The entry point every launch goes through: local (one or several processes), torchrun, and SLURM.
 
-``run(args)`` is what one process executes; ``launch_local(args)`` starts the local processes. A SLURM launcher only
-has to export the distributed environment (``submitit.helpers.TorchDistributedEnvironment().export()``) and call
-``run(args)`` in each task.
+``run(args)`` is what one process executes, wherever it runs. ``main`` starts the local processes, or
+submits ``run`` as a SLURM job (``pretrain.slurm``) whose tasks export their distributed environment first.
 """
 import argparse
+import logging
 
 from .config import setup_cfg
 from .distributed import launch
-from .trainer import Trainer
+from .trainer import Preempted, Trainer
+
+logger = logging.getLogger("pretrain")
 
 
 def argument_parser(description: str = "DisCo / MoCo-v2 pretraining") -> argparse.ArgumentParser:
     """detectron2's ``default_argument_parser`` (--config-file, --resume, --eval-only, --num-gpus, --num-machines,
-    --machine-rank, --dist-url, trailing KEY VALUE opts)."""
+    --machine-rank, --dist-url, trailing KEY VALUE opts) plus the SLURM flags of :mod:`pretrain.slurm`."""
     from detectron2.engine import default_argument_parser
+
+    from .slurm import add_slurm_args
 
     parser = default_argument_parser()
     parser.description = description
-    return parser
+    return add_slurm_args(parser)
 
 
 def run(args: argparse.Namespace):
     """One process of a run. ``--num-gpus`` counts processes per machine (gloo CPU processes without GPUs).
-    Runs always auto-resume from OUTPUT_DIR; ``--resume`` additionally insists that a checkpoint exists."""
+    Runs always auto-resume from OUTPUT_DIR; ``--resume`` additionally insists that a checkpoint exists.
+    Raises :class:`Preempted` after checkpointing when the process is signalled (SIGTERM / SIGUSR2)."""
     cfg = setup_cfg(args.config_file, args.opts)
     trainer = Trainer(cfg, require_checkpoint=args.resume)
     return trainer.evaluate() if args.eval_only else trainer.run()
 
 
-def launch_local(args: argparse.Namespace):
-    setup_cfg(args.config_file, args.opts)  # fail on a bad config before starting any process
-    if args.num_gpus * args.num_machines <= 1:
+def _run_until_signal(args: argparse.Namespace):
+    try:
         return run(args)
-    launch(run, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
+    except Preempted as e:  # a local run: the checkpoint is written; rerunning the command continues
+        logger.info("%s", e)
+        return None
+
+
+def main(args: argparse.Namespace):
+    """What tools/pretrain.py does: submit to SLURM with ``--slurm``, else run here."""
+    setup_cfg(args.config_file, args.opts)  # fail on a bad config before starting anything
+    if args.slurm:
+        from .slurm import follow, submit
+
+        job = submit(run, args, name="pretrain")
+        return follow(job) if args.wait else job
+    if args.num_gpus * args.num_machines <= 1:
+        return _run_until_signal(args)
+    launch(_run_until_signal, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

@@ -43,6 +43,10 @@ def setup_logging(output_dir: str, rank: int) -> None:
         log.addHandler(h)
 
 
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM / SIGUSR2) and has written its checkpoint."""
+
+
 def amp_dtype(cfg: CfgNode, enabled: bool) -> Optional[torch.dtype]:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.TRAIN.AMP.DTYPE] if enabled else None
 
@@ -311,6 +315,8 @@ class Trainer:
         if self.iter < self.max_iter:
             logger.info("stopped at iteration %d of %d (%s); run again to continue", self.iter, self.max_iter,
                         "on request" if self.stopped_by_request else "TRAIN.STOP_AT_ITER")
+            if self.stopped_by_request:
+                raise Preempted(f"stopped on request at iteration {self.iter}; checkpoint {self.checkpointer.list()[0]}")
             return None
         return self.export()
 

@@ -2,6 +2,7 @@
 """Pretrain a teacher with MoCo-v2 or distil a student with DisCo.
 
     python tools/pretrain.py --config-file configs/pretrain/quickstart.yaml [--num-gpus N] [--resume] [KEY VALUE ...]
+    python tools/pretrain.py --slurm --partition P --nodes 1 --gpus-per-node 8 --config-file ... [--wait]
 """
 import os
 import sys
@@ -11,7 +12,7 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain.launch import argument_parser, launch_local  # noqa: E402
+from pretrain.launch import argument_parser, main  # noqa: E402
 
 if __name__ == "__main__":
-    launch_local(argument_parser().parse_args())
+    main(argument_parser().parse_args())

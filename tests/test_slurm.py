@@ -1,0 +1,145 @@
+"""Pretraining on a real SLURM (tools/local_slurm.sh start): 2 gloo tasks on one node, preemption + requeue, crashes.
+Skipped when no local SLURM answers; .ci/run starts one, so CI always runs these."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return any(s in out for s in ("idle", "mix", "alloc"))
+
+
+pytestmark = pytest.mark.skipif(not _slurm_up(), reason="no local SLURM: run `tools/local_slurm.sh install && "
+                                                        "tools/local_slurm.sh start` as root (CI does)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pretrain.synthetic import write_imagefolder
+
+    root = tmp_path_factory.mktemp("slurm_data") / "shapes"
+    write_imagefolder(str(root), num_classes=4, train_per_class=32, val_per_class=4, image_size=32, seed=1)
+    return root
+
+
+def _cmd(tmp, out, data, teacher, *extra, epochs=4):
+    opts = {"OUTPUT_DIR": out, "DATA.TRAIN_DIR": data / "train", "DATA.VAL_DIR": "", "DATA.IMAGE_SIZE": 32,
+            "DATA.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.EPOCHS": epochs, "MODEL.MOCO.QUEUE_SIZE": 64,
+            "MODEL.STUDENT.ARCH": "resnet18", "MODEL.STUDENT.HEAD.HIDDEN_DIM": 64, "MODEL.TEACHER.ARCH": "resnet18",
+            "MODEL.TEACHER.WEIGHTS": teacher, "TRAIN.LOG_PERIOD": 1, "TRAIN.CHECKPOINT_PERIOD": 100,
+            "TRAIN.DETERMINISTIC": True}
+    return [sys.executable, os.path.join(ROOT, "tools", "pretrain.py"), "--slurm", "--tasks-per-node", "2",
+            "--cpus-per-task", "1", "--mem", "4", "--timeout", "20", "--job-dir", str(tmp / "jobs" / "%j"), *extra,
+            *[str(x) for kv in opts.items() for x in kv]]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _job_id(stdout: str) -> str:
+    line = next(x for x in stdout.splitlines() if x.startswith("submitted job "))
+    return line.split()[2]
+
+
+def _iters(out) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    lines = [ln for ln in open(path).read().splitlines() if '"loss"' in ln]
+    return json.loads(lines[-1])["iter"] if lines else 0
+
+
+def _final_student(out, iters):
+    state, _ = Checkpointer(str(out)).load_latest()
+    assert state["iter"] == iters
+    return state["student"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data, teacher_export):
+    tmp = tmp_path_factory.mktemp("slurm_ref")
+    out = tmp / "run"
+    proc = subprocess.run(_cmd(tmp, out, data, teacher_export, "--wait"), capture_output=True, text=True,
+                          timeout=400, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_two_task_job_completes_ranks_agree_export_loads_in_timm(reference):
+    import timm
+
+    out, stdout = reference
+    assert "task 0/2" in stdout  # --wait streams rank 0's log
+    sums = []
+    for log in ("log.txt", "log.rank1.txt"):
+        line = [x for x in open(out / log) if "student parameter checksum" in x][-1]
+        sums.append(line.rsplit(" ", 1)[1].strip())
+    assert sums[0] == sums[1]  # both ranks ended with identical student weights
+    assert "2 processes x 8" in (out / "log.txt").read_text()
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0,
+                              checkpoint_path=str(out / "export" / "resnet18.pth"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(tmp_path, data, teacher_export, reference):
+    out = tmp_path / "run"
+    proc = subprocess.run(_cmd(tmp_path, out, data, teacher_export), capture_output=True, text=True, timeout=120,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = _job_id(proc.stdout)
+    t0 = time.time()
+    while _iters(out) < 10:
+        assert time.time() - t0 < 300, "the job did not start training"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # what SLURM sends before a time limit
+    t_signal = time.time()
+    stopped = None
+    while True:  # wait for the requeued job to train past the stop
+        assert time.time() - t_signal < 300, "the job was not requeued and resumed"
+        log = (out / "log.txt").read_text()
+        if stopped is None and "stop requested" in log:
+            stopped = _iters(out)
+        if stopped is not None and "resumed from" in log and _iters(out) > stopped:
+            t_resumed = time.time()
+            break
+        time.sleep(0.05)
+    t_end = time.time()
+    while _iters(out) < 32 or not (out / "export" / "resnet18.pth").exists():
+        assert time.time() - t_end < 300, "the requeued job did not finish"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    ckpt_iter = int(log.split("resumed from")[1].split("at iteration")[1].split()[0])
+    print(f"\nrequeue: signal -> resumed training {t_resumed - t_signal:.1f} s; stopped at iteration {stopped}, "
+          f"resumed at {ckpt_iter}: {stopped - ckpt_iter} iterations redone")
+    assert ckpt_iter == stopped  # nothing lost: the checkpoint was written where the signal stopped the run
+    ref = _final_student(reference[0], 32)
+    got = _final_student(out, 32)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    rank0_log = (tmp_path / "jobs" / job / f"{job}_0_log.out").read_text()
+    assert "restart 0" in rank0_log and "restart 1" in rank0_log  # the same job, requeued once by SLURM
+
+
+def test_crashing_job_is_reported_failed_in_bounded_time(tmp_path, teacher_export):
+    cmd = _cmd(tmp_path, tmp_path / "run", tmp_path / "missing", teacher_export, "--wait")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV)
+    assert proc.returncode != 0
+    assert "ended in state" in proc.stderr and "does not exist" in proc.stderr
+    assert time.time() - t0 < 180
