@@ -143,3 +143,4 @@ def test_crashing_job_is_reported_failed_in_bounded_time(tmp_path, teacher_expor
     assert proc.returncode != 0
     assert "ended in state" in proc.stderr and "does not exist" in proc.stderr
     assert time.time() - t0 < 180
+

@@ -40,7 +40,7 @@ start() {
   [[ $(id -u) == 0 ]] || die "must run as root"
   command -v slurmctld >/dev/null || die "SLURM is not installed: run '$0 install' (Debian packages)"
   if [[ -d $STATE/pids ]] && [[ -n $(ls "$STATE/pids") ]]; then die "already started (see '$0 status'; '$0 stop' first)"; fi
-  mkdir -p "$STATE"/{pids,ctld,spool,log} /run/munge /run/mysqld
+  mkdir -p "$STATE"/{pids,run,ctld,spool,log} /run/munge /run/mysqld
   local mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
   local cpus=$(nproc)
 
@@ -66,7 +66,7 @@ SlurmUser=root
 StorageType=accounting_storage/mysql
 StorageUser=root
 StorageLoc=disco_slurm_acct_db
-PidFile=$STATE/pids/slurmdbd.pidfile
+PidFile=$STATE/run/slurmdbd.pid
 LogFile=$STATE/log/slurmdbd.log
 EOF
   write_conf /etc/slurm/slurm.conf 644 <<EOF
@@ -90,24 +90,24 @@ JobRequeue=1
 ReturnToService=2
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
-SlurmctldPidFile=$STATE/pids/slurmctld.pidfile
-SlurmdPidFile=$STATE/pids/slurmd.pidfile
+SlurmctldPidFile=$STATE/run/slurmctld.pid
+SlurmdPidFile=$STATE/run/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   slurmdbd
-  wait_for 30 slurmdbd test -s "$STATE/pids/slurmdbd.pidfile"
-  record slurmdbd "$(cat "$STATE/pids/slurmdbd.pidfile")"
-  wait_for 30 "slurmdbd to answer" sacctmgr -i add cluster "$CLUSTER"
-  sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
+  wait_for 30 slurmdbd test -s "$STATE/run/slurmdbd.pid"
+  record slurmdbd "$(cat "$STATE/run/slurmdbd.pid")"
+  wait_for 30 "slurmdbd to answer" sacctmgr -n show cluster
+  sacctmgr -n show cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   slurmctld -c
-  wait_for 30 slurmctld test -s "$STATE/pids/slurmctld.pidfile"
-  record slurmctld "$(cat "$STATE/pids/slurmctld.pidfile")"
+  wait_for 30 slurmctld test -s "$STATE/run/slurmctld.pid"
+  record slurmctld "$(cat "$STATE/run/slurmctld.pid")"
   slurmd
-  wait_for 30 slurmd test -s "$STATE/pids/slurmd.pidfile"
-  record slurmd "$(cat "$STATE/pids/slurmd.pidfile")"
+  wait_for 30 slurmd test -s "$STATE/run/slurmd.pid"
+  record slurmd "$(cat "$STATE/run/slurmd.pid")"
   wait_for 60 "an idle node" bash -c "sinfo -h -o %t | grep -qx idle"
   echo "local SLURM up: cluster $CLUSTER, node $HOST ($cpus CPUs, ${mem} MB), partition debug; state in $STATE"
 }
