@@ -47,7 +47,7 @@ class SlurmTask:
     def __call__(self) -> Any:
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        print(f"task {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename}, master "
+        print(f"task {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename} (pid {os.getpid()}), master "
               f"{dist_env.master_addr}:{dist_env.master_port}, restart {restart}", flush=True)
         try:
             return self.entry(self.args)

@@ -144,3 +144,28 @@ def test_crashing_job_is_reported_failed_in_bounded_time(tmp_path, teacher_expor
     assert "ended in state" in proc.stderr and "does not exist" in proc.stderr
     assert time.time() - t0 < 180
 
+
+
+def test_job_killed_hard_is_reported_not_waited_on(tmp_path, data, teacher_export):
+    """kill -9 of the training processes (no signal handler runs, as in a node failure): --wait must end with an
+    error naming the job's state, not wait forever."""
+    import re
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tmp_path, out, data, teacher_export, "--wait", epochs=50), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    while _iters(out) < 3:
+        assert proc.poll() is None and time.time() - t0 < 300, "the job did not start training"
+        time.sleep(0.05)
+    job = next(p.name for p in (tmp_path / "jobs").iterdir() if p.name.isdigit())
+    for rank in (0, 1):
+        log = (tmp_path / "jobs" / job / f"{job}_{rank}_log.out").read_text()
+        os.kill(int(re.search(r"\(pid (\d+)\)", log).group(1)), signal.SIGKILL)
+    t_kill = time.time()
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0, stdout[-2000:]
+    assert f"SLURM job {job} ended in state" in stderr
+    assert _iters(out) < 400  # it really stopped; nothing restarted it behind our back
+    print(f"\nkilled job reported after {time.time() - t_kill:.1f} s")
