@@ -51,11 +51,15 @@ def amp_dtype(cfg: CfgNode, enabled: bool) -> Optional[torch.dtype]:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.TRAIN.AMP.DTYPE] if enabled else None
 
 
+def build_student_encoder(cfg: CfgNode):
+    s = cfg.MODEL.STUDENT
+    return build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN)
+
+
 def build_model(cfg: CfgNode) -> DisCo:
     s = cfg.MODEL.STUDENT
-    student = MoCoV2(build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN),
-                     cfg.MODEL.MOCO.QUEUE_SIZE, cfg.MODEL.MOCO.MOMENTUM, cfg.MODEL.MOCO.SHUFFLE_BN,
-                     cfg.MODEL.MOCO.BN_SPLITS)
+    m = cfg.MODEL.MOCO
+    student = MoCoV2(build_student_encoder(cfg), m.QUEUE_SIZE, m.MOMENTUM, m.SHUFFLE_BN, m.BN_SPLITS)
     if s.WEIGHTS:
         sd = torch.load(s.WEIGHTS, map_location="cpu", weights_only=True)
         load_strict(student.encoder_q.backbone, sd.get("state_dict", sd), f"student weights {s.WEIGHTS}")
@@ -94,9 +98,6 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal that reached any process stops all of them
         return flag.item() > 0
-
-    def __call__(self) -> Optional[Dict[str, str]]:
-        return self.run()
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -155,10 +156,12 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, cfg.TRAIN.MAX_TO_KEEP)
         self.iter, self.skipped_images = 0, 0
         self.knn_data = self.build_knn_data() if d.VAL_DIR and cfg.TEST.KNN.PERIOD >= 0 else None
+        amp = (cfg.TRAIN.AMP.DTYPE if self.amp_dtype else "off") + (
+            f" (teacher {cfg.TRAIN.AMP.DTYPE})" if cfg.TRAIN.AMP.TEACHER else "")
         logger.info("%s: %s student%s, %d images, %d processes x %d, %d iters/epoch, %d epochs, lr %.4g, AMP %s",
                     cfg.METHOD, cfg.MODEL.STUDENT.ARCH, f" <- {cfg.MODEL.TEACHER.ARCH} teacher"
                     if cfg.METHOD == "disco" else "", len(base), self.world, self.sampler.local_batch,
-                    self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, (cfg.TRAIN.AMP.DTYPE if self.amp_dtype else "off") + (" (teacher " + cfg.TRAIN.AMP.DTYPE + ")" if cfg.TRAIN.AMP.TEACHER else ""))
+                    self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, amp)
 
     def lr_factor(self, it: int) -> float:
         """Linear warm-up then cosine decay (per epoch as MoCo-v2, or per iteration)."""
@@ -316,7 +319,8 @@ class Trainer:
             logger.info("stopped at iteration %d of %d (%s); run again to continue", self.iter, self.max_iter,
                         "on request" if self.stopped_by_request else "TRAIN.STOP_AT_ITER")
             if self.stopped_by_request:
-                raise Preempted(f"stopped on request at iteration {self.iter}; checkpoint {self.checkpointer.list()[0]}")
+                raise Preempted(f"stopped on request at iteration {self.iter}; "
+                                f"checkpoint {self.checkpointer.list()[0]}")
             return None
         return self.export()
 
@@ -405,8 +409,7 @@ def export_from_checkpoint(checkpoint: str, out_dir: str) -> Dict[str, str]:
     if not isinstance(state, dict) or "student" not in state or "cfg" not in state:
         raise ValueError(f"{checkpoint} is not a pretraining checkpoint of this project (no 'student' / 'cfg')")
     cfg = CfgNode.load_cfg(state["cfg"])
-    s = cfg.MODEL.STUDENT
-    encoder = build_encoder(s.ARCH, s.HEAD.HIDDEN_DIM, s.HEAD.OUT_DIM, s.HEAD.NUM_LAYERS, s.HEAD.BN)
+    encoder = build_student_encoder(cfg)
     prefix = "encoder_q."
     load_strict(encoder, {k[len(prefix):]: v for k, v in state["student"].items() if k.startswith(prefix)},
                 f"student of {checkpoint}")
