@@ -4,7 +4,8 @@ import pytest
 import timm
 import torch
 
-from pretrain.checkpoint import Checkpointer, export_encoder, load_teacher, save_atomic
+from pretrain.backbones import build_backbone
+from pretrain.checkpoint import Checkpointer, export_encoder, load_strict, load_teacher, read_backbone, save_atomic
 from pretrain.model import build_encoder
 
 
@@ -118,3 +119,48 @@ def test_save_atomic_leaves_no_partial_file(tmp_path):
         save_atomic({"a": Boom()}, str(tmp_path / "x.pth"))
     assert torch.load(tmp_path / "x.pth")["a"] == 1  # the old file is intact
     assert os.listdir(tmp_path) == ["x.pth"]
+
+
+def test_read_backbone_every_format_infers_arch_and_reports_skipped(tmp_path):
+    enc = _enc()
+    torch.save(_moco_state(enc), tmp_path / "moco.pth.tar")
+    ck = read_backbone(str(tmp_path / "moco.pth.tar"))  # arch from the checkpoint's "arch"
+    assert ck.arch == "resnet18" and ck.format == "moco"
+    assert "module.queue" in ck.skipped and any(k.startswith("module.encoder_k.") for k in ck.skipped)
+    assert "projection head" in ck.skipped["module.encoder_q.fc.0.weight"]
+    load_strict(build_backbone("resnet18"), ck.state_dict, "moco backbone")
+
+    # DisCo-pytorch: MoCo layout plus teacher copies, no "arch": inferred from keys and shapes
+    state = _moco_state(enc)
+    state["state_dict"].update({f"module.teacher.{k}": v for k, v in enc.backbone.state_dict().items()})
+    del state["arch"]
+    torch.save(state, tmp_path / "disco.pth.tar")
+    ck = read_backbone(str(tmp_path / "disco.pth.tar"))
+    assert ck.arch == "resnet18" and ck.format == "disco-pytorch"
+    assert ck.skipped["module.teacher.conv1.weight"].startswith("the teacher")
+
+    # a bare timm / torchvision state dict: the classifier is dropped
+    sd = dict(enc.backbone.state_dict(), **{"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)})
+    torch.save(sd, tmp_path / "tv.pth")
+    ck = read_backbone(str(tmp_path / "tv.pth"))
+    assert ck.format == "state_dict" and ck.arch == "resnet18" and set(ck.skipped) == {"fc.weight", "fc.bias"}
+    assert torch.equal(ck.state_dict["layer4.1.bn2.running_var"], enc.backbone.layer4[1].bn2.running_var)
+
+    # wrong shapes for every registered architecture: a clear error asking for the architecture
+    sd["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="pass the architecture explicitly"):
+        read_backbone(str(tmp_path / "odd.pth"))
+
+
+def test_read_backbone_from_pretraining_checkpoint(tmp_path, imagefolder, teacher_export):
+    from conftest import tiny_cfg
+    from pretrain.trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path / "run", imagefolder, teacher_export, **{"TRAIN.STOP_AT_ITER": 1})
+    Trainer(cfg).run()
+    path = Checkpointer(str(tmp_path / "run")).list()[0]
+    ck = read_backbone(path)
+    assert ck.format == "pretrain-checkpoint" and ck.arch == "resnet18" and ck.metadata["method"] == "disco"
+    assert set(ck.head) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    load_strict(build_backbone("resnet18"), ck.state_dict, "student")
