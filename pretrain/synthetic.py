@@ -3,8 +3,9 @@
 The demo and the tests cannot download ImageNet, CIFAR, VOC or COCO, so this module draws stand-ins that the
 real loaders read unchanged. Everything is built from one primitive, :class:`Object`: a class id, a simple
 polygon (no holes) in pixel coordinates, its bounding box and its colour. A classification image is one
-object; a detection scene (a later writer) is several. Because every object is a polygon, COCO polygon
-masks, areas and VOC boxes come for free.
+object; a detection scene (:func:`sample_scene`, shared by the VOC and COCO writers) is several that never
+overlap. Because every object is a polygon, COCO polygon masks, areas and VOC
+boxes come for free.
 
 Classes are defined by *shape only*: colour, scale, position, aspect, shear, mirroring and a bounded rotation
 are random per object, the background is a random gradient or texture, and clutter (line segments and
@@ -21,15 +22,18 @@ Coordinates: ``x`` to the right, ``y`` down, continuous pixel frame where the ca
 """
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -661,6 +665,654 @@ def write_imagefolder(root: Union[str, os.PathLike], num_classes: int = 10, trai
                     raise DatasetMismatchError(
                         f"{d} has {n} images, its {META_FILENAME} promises {per_class}: the dataset is "
                         f"incomplete or was modified. Delete {existing} to regenerate it.")
+
+    start = time.perf_counter()
+    generated = _write_atomically(root, meta, write_files, verify)
+    return {**meta, "root": str(root), "generated": generated, "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared helpers of the writers below
+# --------------------------------------------------------------------------------------------------------
+
+# A "class id" no class uses: the seed stream of a split's sample order (CIFAR shuffling), apart from every image's.
+_ORDER_STREAM = 1 << 16
+# Scene images are not of one class; they all draw from class slot 0 of their (layout, split).
+_SCENE_CLASS_SLOT = 0
+
+
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_image_size(image_size: Size, minimum: int) -> Tuple[int, int]:
+    try:
+        w, h = _as_wh(image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be an int or (width, height), got {image_size!r}") from None
+    if min(w, h) < minimum:
+        raise ValueError(f"image_size must be at least {minimum} px on each side, got {image_size!r}")
+    return w, h
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _count_files(d: Path, suffix: str) -> int:
+    return sum(1 for p in d.iterdir() if p.suffix == suffix) if d.is_dir() else 0
+
+
+def _incomplete(what: str, root: Path) -> DatasetMismatchError:
+    """``what``: e.g. "x/JPEGImages has 3 .jpg files, meta.json promises 4"."""
+    return DatasetMismatchError(f"{what}: the dataset is incomplete or was modified. Delete {root} to regenerate it.")
+
+
+def _check_file_count(d: Path, suffix: str, promised: int, root: Path) -> None:
+    n = _count_files(d, suffix)
+    if n != promised:
+        raise _incomplete(f"{d} has {n} {suffix} files, its {META_FILENAME} promises {promised}", root)
+
+
+def _check_files_exist(paths: Sequence[Path], root: Path) -> None:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise _incomplete(f"missing {missing}", root)
+
+
+def _chunks(n: int, size: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(n)``: the unit of work of one worker process."""
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100, in the official "python version" pickles
+# --------------------------------------------------------------------------------------------------------
+
+CIFAR_IMAGE_SIZE = 32
+# CIFAR-100's coarse label of a class: class_id // CIFAR_COARSE_GROUP (consecutive shapes form a superclass).
+CIFAR_COARSE_GROUP = 4
+_CIFAR10_TRAIN_BATCHES = 5
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_CIFAR_DEFAULT_CLASSES = {"cifar10": 10, "cifar100": MAX_CLASSES}
+
+
+class _GlobalRef:
+    """A module-level name to be pickled by reference, written verbatim whatever the running library calls it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # the pickler insists that a reduce function be callable; it is never called
+        raise TypeError(f"{self.module}.{self.name} is a pickling placeholder")
+
+
+class _Reduced:
+    """A ready-made ``__reduce__`` tuple to be pickled as such (the dtype inside an array's state)."""
+
+    def __init__(self, reduce: tuple) -> None:
+        self.reduce = reduce
+
+
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table can be extended
+    """Writes pickles the way the original CIFAR files were written (Python 2 ``cPickle``, protocol 2).
+
+    Python 3 pickles ``bytes`` at protocol 2 as a call to ``codecs.encode``, which loads as ``bytes`` under every
+    ``encoding``. The originals hold Python 2 ``str`` (``BINSTRING`` opcodes) instead, which load as ``bytes`` with
+    ``encoding="bytes"`` and as ``str`` with ``encoding="latin1"`` -- torchvision relies on the latter (it indexes
+    ``entry["data"]``). So every ``bytes`` here is written as a Python 2 string, and uint8 arrays are reduced as
+    Python 2 numpy reduced them (``numpy.core.multiarray._reconstruct``, a state holding the raw buffer), a form
+    numpy 1.x and 2.x both load.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + n.to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    def save_global_ref(self, obj: _GlobalRef) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[_GlobalRef] = save_global_ref
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray:
+            if obj.dtype != np.uint8:
+                raise TypeError(f"only uint8 arrays are written in CIFAR pickles, got {obj.dtype}")
+            arr = np.ascontiguousarray(obj)
+            dtype = (_GlobalRef("numpy", "dtype"), (b"u1", 0, 1), (3, b"|", None, None, None, -1, -1, 0))
+            state = (1, tuple(int(d) for d in arr.shape), _Reduced(dtype), False, arr.tobytes())
+            return (_GlobalRef("numpy.core.multiarray", "_reconstruct"), (_GlobalRef("numpy", "ndarray"), (0,), b"b"),
+                    state)
+        if type(obj) is _Reduced:
+            return obj.reduce
+        return NotImplemented
+
+
+def _dump_py2_pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(obj)
+
+
+def cifar_coarse_names(num_classes: int) -> List[str]:
+    """CIFAR-100-style superclass names: one per ``CIFAR_COARSE_GROUP`` consecutive classes, e.g.
+    ``g0_circle_triangle_square_star``."""
+    _check_num_classes(num_classes)
+    groups = [list(range(g, min(g + CIFAR_COARSE_GROUP, num_classes)))
+              for g in range(0, num_classes, CIFAR_COARSE_GROUP)]
+    return [f"g{i}_" + "_".join(CLASS_NAMES[c] for c in members) for i, members in enumerate(groups)]
+
+
+def cifar_sample_order(seed: int, split: str, num_classes: int, per_class: int) -> List[Tuple[int, int]]:
+    """The ``(class_id, index)`` of every sample of a CIFAR split in file order: a seeded shuffle, so labels are
+    mixed as in the real files. Image ``(c, i)`` is ``make_classification_image(image_rng(seed, "cifar", split,
+    c, i), c, 32)``."""
+    samples = [(c, i) for c in range(num_classes) for i in range(per_class)]
+    perm = image_rng(seed, "cifar", split, _ORDER_STREAM, 0).permutation(len(samples))
+    return [samples[k] for k in perm]
+
+
+def _cifar_rows(seed: int, split: str, samples: Sequence[Tuple[int, int]]) -> np.ndarray:
+    """uint8 ``(len(samples), 3072)``: each row the R plane, then G, then B, each 32x32 row-major (CIFAR's)."""
+    rows = np.empty((len(samples), 3 * CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE), dtype=np.uint8)
+    for k, (c, i) in enumerate(samples):
+        img = make_classification_image(image_rng(seed, "cifar", split, c, i), c, CIFAR_IMAGE_SIZE)
+        rows[k] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
+    return rows
+
+
+def _write_cifar_chunk(out: str, seed: int, split: str, samples: Sequence[Tuple[int, int]]) -> None:
+    """Worker unit: the rows of ``samples`` into ``out`` (an .npy scratch file assembled by the caller)."""
+    np.save(out, _cifar_rows(seed, split, samples))
+
+
+def _cifar_split_rows(tmp: Path, seed: int, split: str, samples: List[Tuple[int, int]],
+                      workers: int) -> np.ndarray:
+    chunk_files, tasks = [], []
+    for k, (a, b) in enumerate(_chunks(len(samples), 256)):
+        chunk_files.append(tmp / f".{split}_{k:05d}.npy")
+        tasks.append((str(chunk_files[-1]), seed, split, samples[a:b]))
+    _run_tasks(_write_cifar_chunk, tasks, workers)
+    parts = [np.load(f) for f in chunk_files]
+    for f in chunk_files:
+        f.unlink()
+    return np.concatenate(parts) if parts else np.empty((0, 3 * CIFAR_IMAGE_SIZE ** 2), dtype=np.uint8)
+
+
+def cifar_meta(variant: str, num_classes: int, train_per_class: int, test_per_class: int, seed: int) -> dict:
+    """The ``meta.json`` content that identifies a CIFAR dataset (every generation argument)."""
+    _check_num_classes(num_classes)
+    meta = {
+        "generator": "pretrain.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "layout": "cifar",
+        "variant": variant,
+        "classes": [CLASS_NAMES[c] for c in range(num_classes)],
+        "num_classes": num_classes,
+        "splits": {"train": train_per_class, "test": test_per_class},
+        "image_size": CIFAR_IMAGE_SIZE,
+        "seed": seed,
+    }
+    if variant == "cifar100":
+        meta["coarse_classes"] = cifar_coarse_names(num_classes)
+        meta["coarse_rule"] = f"class_id // {CIFAR_COARSE_GROUP}"
+    return meta
+
+
+def write_cifar(root: Union[str, os.PathLike], variant: str = "cifar10", num_classes: Optional[int] = None,
+                train_per_class: int = 500, test_per_class: int = 100, seed: int = 0,
+                workers: Optional[int] = None) -> dict:
+    """Write the official CIFAR "python version" layout under ``root``, readable by torchvision's ``CIFAR10`` /
+    ``CIFAR100`` (except for their md5 check, which is of the real files).
+
+    ``variant="cifar10"``: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``; the shuffled
+    training samples are split over the 5 batches in order (sizes differ by at most one).
+    ``variant="cifar100"``: ``root/cifar-100-python/{train, test, meta}`` with fine labels = class ids and coarse
+    labels = ``class_id // CIFAR_COARSE_GROUP`` (names from :func:`cifar_coarse_names`).
+    Class names are the bare shape names (``circle``, ``triangle``, ...), like CIFAR's ``airplane``; there are only
+    ``MAX_CLASSES`` of them, so ``num_classes`` (default 10 / 16) picks the first N -- readers must take names
+    and count from the meta file. Every batch is a protocol-2 pickle with bytes keys, as the originals:
+    ``pickle.load(f, encoding="bytes")`` and ``encoding="latin1"`` both work. ``b"data"`` is uint8 N x 3072
+    (R plane, G plane, B plane; each 32x32 row-major).
+
+    The variant folder is the atomic unit (its own ``meta.json``), so both variants can share ``root``.
+    Returns the meta dict plus ``root`` (the variant folder), ``generated`` and ``seconds``.
+    """
+    if variant not in _CIFAR_FOLDERS:
+        raise ValueError(f"variant must be one of {sorted(_CIFAR_FOLDERS)}, got {variant!r}")
+    num_classes = _CIFAR_DEFAULT_CLASSES[variant] if num_classes is None else num_classes
+    _check_count("train_per_class", train_per_class)
+    _check_count("test_per_class", test_per_class)
+    folder = Path(root) / _CIFAR_FOLDERS[variant]
+    meta = cifar_meta(variant, num_classes, train_per_class, test_per_class, seed)
+    names = [n.encode() for n in meta["classes"]]
+    total = num_classes * (train_per_class + test_per_class)
+    files = (["batches.meta", "test_batch"] + [f"data_batch_{b}" for b in range(1, _CIFAR10_TRAIN_BATCHES + 1)]
+             if variant == "cifar10" else ["meta", "train", "test"])
+
+    def write_files(out: Path) -> None:
+        n_workers = _resolve_workers(workers, total)
+        split_data = {}
+        for split, per_class in meta["splits"].items():
+            samples = cifar_sample_order(seed, split, num_classes, per_class)
+            split_data[split] = (samples, _cifar_split_rows(out, seed, split, samples, n_workers))
+
+        def filenames(samples: Sequence[Tuple[int, int]]) -> List[bytes]:
+            return [f"{CLASS_NAMES[c]}_s_{i:06d}.png".encode() for c, i in samples]
+
+        if variant == "cifar10":
+            samples, rows = split_data["train"]
+            bounds = np.linspace(0, len(samples), _CIFAR10_TRAIN_BATCHES + 1).round().astype(int)
+            for b in range(_CIFAR10_TRAIN_BATCHES):
+                lo, hi = bounds[b], bounds[b + 1]
+                _dump_py2_pickle(out / f"data_batch_{b + 1}", {
+                    b"batch_label": f"training batch {b + 1} of {_CIFAR10_TRAIN_BATCHES}".encode(),
+                    b"labels": [c for c, _ in samples[lo:hi]],
+                    b"data": rows[lo:hi],
+                    b"filenames": filenames(samples[lo:hi]),
+                })
+            samples, rows = split_data["test"]
+            _dump_py2_pickle(out / "test_batch", {
+                b"batch_label": b"testing batch 1 of 1", b"labels": [c for c, _ in samples], b"data": rows,
+                b"filenames": filenames(samples)})
+            _dump_py2_pickle(out / "batches.meta", {
+                b"num_cases_per_batch": int(bounds[1] - bounds[0]), b"label_names": names,
+                b"num_vis": 3 * CIFAR_IMAGE_SIZE ** 2})
+        else:
+            for split, label in (("train", b"training batch 1 of 1"), ("test", b"testing batch 1 of 1")):
+                samples, rows = split_data[split]
+                _dump_py2_pickle(out / split, {
+                    b"filenames": filenames(samples), b"batch_label": label,
+                    b"fine_labels": [c for c, _ in samples],
+                    b"coarse_labels": [c // CIFAR_COARSE_GROUP for c, _ in samples], b"data": rows})
+            _dump_py2_pickle(out / "meta", {
+                b"fine_label_names": names, b"coarse_label_names": [n.encode() for n in meta["coarse_classes"]]})
+
+    def verify(existing: Path) -> None:
+        _check_files_exist([existing / f for f in files], existing)
+
+    start = time.perf_counter()
+    generated = _write_atomically(folder, meta, write_files, verify)
+    return {**meta, "root": str(folder), "generated": generated, "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------------
+# SimCLR-style semi-supervised subset lists (1percent.txt / 10percent.txt)
+# --------------------------------------------------------------------------------------------------------
+
+# The extensions torchvision's ImageFolder accepts: a list must name only images that loader would see.
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def write_subset_list(imagefolder_root: Union[str, os.PathLike], out_file: Union[str, os.PathLike],
+                      percent: Optional[float] = None, per_class: Optional[int] = None,
+                      seed: int = 0) -> List[str]:
+    """Write a class-balanced subset of ``imagefolder_root/train`` in SimCLR's ``1percent.txt`` format: one image
+    file name per line (basename, no directory, no header), ``\\n`` line ends, a trailing newline.
+
+    Exactly one of ``percent`` (of each class's images, rounded, in (0, 100]) or ``per_class`` (images per class)
+    is given; every class gets at least one image. The choice is a seeded sample per class (classes in sorted
+    folder order, seed stream ``[seed, class position]``), listed class by class in file-name order.
+    Written atomically: an existing identical file is reused, a different one is refused with
+    :class:`DatasetMismatchError`. Returns the listed names.
+    """
+    if (percent is None) == (per_class is None):
+        raise ValueError("give exactly one of percent (e.g. 1 or 10) or per_class")
+    if percent is not None and not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    if per_class is not None and (not isinstance(per_class, (int, np.integer)) or per_class < 1):
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    train = Path(imagefolder_root) / "train"
+    classes = sorted(d for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
+    if not classes:
+        raise FileNotFoundError(f"{train} has no class folders: imagefolder_root must be an ImageFolder root "
+                                f"holding train/<class>/<images> (e.g. one written by write_imagefolder)")
+    names: List[str] = []
+    for pos, d in enumerate(classes):
+        files = sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{d} holds no images; ImageFolder would refuse it too")
+        if percent is not None:
+            k = max(1, int(round(len(files) * percent / 100)))
+        else:
+            if per_class > len(files):
+                raise ValueError(f"per_class={per_class} but {d} holds only {len(files)} images")
+            k = per_class
+        pick = np.random.default_rng(np.random.SeedSequence([seed, pos])).choice(len(files), k, replace=False)
+        names.extend(files[i] for i in sorted(pick))
+    dupes = sorted(n for n, k in collections.Counter(names).items() if k > 1)
+    if dupes:
+        raise ValueError(f"file names repeat across classes ({dupes[:3]}...): a list of basenames could not tell "
+                         f"them apart. Give every image a unique name (e.g. class-prefixed).")
+    content = "".join(n + "\n" for n in names).encode()
+
+    out = Path(out_file)
+    if out.exists():
+        if out.is_file() and out.read_bytes() == content:
+            return names
+        raise DatasetMismatchError(f"{out} exists and differs from the requested subset list; refusing to "
+                                   f"overwrite it. Choose another file name or delete it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, out)  # unlike rename, fails if another writer got there first
+        except FileExistsError:
+            if out.read_bytes() != content:
+                raise DatasetMismatchError(f"{out} was written concurrently with different content") from None
+    finally:
+        os.unlink(tmp)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------
+# Detection scenes: several non-overlapping objects, shared by the VOC and COCO writers
+# --------------------------------------------------------------------------------------------------------
+
+# Objects are mostly 15-50% of the shorter side; SMALL_OBJECT_PROB of them are 5-9.5% ("difficult" in VOC terms).
+SCENE_SCALE_RANGE = (0.15, 0.5)
+SMALL_SCALE_RANGE = (0.05, 0.095)
+SMALL_OBJECT_PROB = 0.1
+# VOC's "difficult": the longer box side under this fraction of the image's shorter side.
+DIFFICULT_FRACTION = 0.1
+_PLACEMENT_TRIES = 30
+
+
+def pixel_box(obj: Object, size: Size) -> Tuple[int, int, int, int]:
+    """The pixels an object touches, ``(x0, y0, x1, y1)`` with x1/y1 exclusive, clipped to the canvas."""
+    w, h = _as_wh(size)
+    x0, y0, x1, y1 = obj.bbox
+    return (max(0, math.floor(x0)), max(0, math.floor(y0)), min(w, math.ceil(x1)), min(h, math.ceil(y1)))
+
+
+def voc_box(obj: Object, size: Size) -> Tuple[int, int, int, int]:
+    """VOC's 1-based inclusive pixel box ``(xmin, ymin, xmax, ymax)``: detectron2 subtracts 1 from xmin/ymin,
+    giving back :func:`pixel_box` in continuous coordinates."""
+    x0, y0, x1, y1 = pixel_box(obj, size)
+    return x0 + 1, y0 + 1, x1, y1
+
+
+def is_difficult(obj: Object, size: Size) -> bool:
+    x0, y0, x1, y1 = obj.bbox
+    return max(x1 - x0, y1 - y0) < DIFFICULT_FRACTION * min(_as_wh(size))
+
+
+def _check_objects_per_image(objects_per_image: Tuple[int, int]) -> Tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in objects_per_image)
+    except (TypeError, ValueError):
+        raise ValueError(f"objects_per_image must be (min, max), got {objects_per_image!r}") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"objects_per_image must satisfy 1 <= min <= max, got {objects_per_image!r}")
+    return lo, hi
+
+
+def sample_scene(rng: np.random.Generator, num_classes: int, size: Size,
+                 objects_per_image: Tuple[int, int] = (1, 3)) -> List[Object]:
+    """Objects of uniformly random classes in ``[0, num_classes)`` and random sizes whose :func:`pixel_box`es
+    are pairwise apart by at least a margin (2% of the shorter side, >= 1 px), so boxes and polygon masks are
+    exact: nothing occludes an object but rare small clutter. Up to ``objects_per_image[1]`` are attempted
+    (the count drawn uniformly in the range); one that finds no free place in a few tries is dropped, so a
+    crowded canvas may hold fewer than ``objects_per_image[0]`` -- never fewer than one.
+    """
+    _check_num_classes(num_classes)
+    lo, hi = _check_objects_per_image(objects_per_image)
+    w, h = _as_wh(size)
+    margin = max(1, round(0.02 * min(w, h)))
+    count = int(rng.integers(lo, hi + 1))
+    placed: List[Object] = []
+    boxes: List[Tuple[int, int, int, int]] = []
+    for _ in range(count):
+        class_id = int(rng.integers(num_classes))
+        scale = SMALL_SCALE_RANGE if rng.random() < SMALL_OBJECT_PROB else SCENE_SCALE_RANGE
+        for _ in range(_PLACEMENT_TRIES):
+            obj = sample_object(rng, class_id, (w, h), scale_range=scale)
+            b = pixel_box(obj, (w, h))
+            if all(b[0] >= o[2] + margin or o[0] >= b[2] + margin or b[1] >= o[3] + margin or o[1] >= b[3] + margin
+                   for o in boxes):
+                placed.append(obj)
+                boxes.append(b)
+                break
+    return placed
+
+
+def make_detection_image(rng: np.random.Generator, num_classes: int, size: Size,
+                         objects_per_image: Tuple[int, int] = (1, 3)) -> Tuple[Image.Image, List[Object]]:
+    """A scene (:func:`sample_scene`) rendered with background, clutter and noise, and its objects."""
+    objects = sample_scene(rng, num_classes, size, objects_per_image)
+    return render(objects, size, rng), objects
+
+
+def scene_rng(seed: int, layout: str, split: str, index: int) -> np.random.Generator:
+    """The generator of detection image ``index`` (0-based within its split): its scene and pixels."""
+    return image_rng(seed, layout, split, _SCENE_CLASS_SLOT, index)
+
+
+def _write_scene_images(out_dir: str, layout: str, split: str, start: int, stop: int, file_names: Sequence[str],
+                        num_classes: int, size: Tuple[int, int], objects_per_image: Tuple[int, int], seed: int,
+                        jpeg_quality: int) -> None:
+    """Worker unit: JPEGs of images ``start..stop-1`` of a split (named ``file_names``)."""
+    for index, name in zip(range(start, stop), file_names):
+        img, _ = make_detection_image(scene_rng(seed, layout, split, index), num_classes, size, objects_per_image)
+        (Path(out_dir) / name).write_bytes(encode_jpeg(img, jpeg_quality))
+
+
+def _scene_tasks(out_dir: Path, layout: str, split: str, file_names: Sequence[str], num_classes: int,
+                 size: Tuple[int, int], objects_per_image: Tuple[int, int], seed: int,
+                 jpeg_quality: int) -> List[tuple]:
+    return [(str(out_dir), layout, split, a, b, list(file_names[a:b]), num_classes, size, objects_per_image, seed,
+             jpeg_quality) for a, b in _chunks(len(file_names), 32)]
+
+
+def _scene_objects(seed: int, layout: str, split: str, count: int, num_classes: int, size: Tuple[int, int],
+                   objects_per_image: Tuple[int, int]) -> List[List[Object]]:
+    """The objects of every image of a split, without rendering (what the annotations are written from)."""
+    return [sample_scene(scene_rng(seed, layout, split, i), num_classes, size, objects_per_image)
+            for i in range(count)]
+
+
+def _detection_meta(layout: str, num_classes: int, splits: dict, size: Tuple[int, int],
+                    objects_per_image: Tuple[int, int], seed: int, jpeg_quality: int) -> dict:
+    _check_num_classes(num_classes)
+    return {
+        "generator": "pretrain.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "layout": layout,
+        "classes": class_names(num_classes),
+        "num_classes": num_classes,
+        "splits": splits,
+        "image_size": [size[0], size[1]],  # (width, height); a list so it equals its JSON round trip
+        "objects_per_image": list(objects_per_image),
+        "seed": seed,
+        "jpeg_quality": jpeg_quality,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# PASCAL VOC (one year directory, e.g. VOCdevkit/VOC2007)
+# --------------------------------------------------------------------------------------------------------
+
+_VOC_SPLITS = ("train", "val", "trainval", "test")
+
+
+def _voc_xml(file_id: str, year: str, size: Tuple[int, int], objects: Sequence[Object]) -> bytes:
+    """One ``Annotations/<id>.xml`` as real VOC writes it (tab-indented, no XML declaration)."""
+    w, h = size
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = f"VOC{year}"
+    ET.SubElement(ann, "filename").text = f"{file_id}.jpg"
+    source = ET.SubElement(ann, "source")
+    ET.SubElement(source, "database").text = "pretrain.synthetic shapes"
+    ET.SubElement(source, "annotation").text = f"PASCAL VOC{year} layout"
+    ET.SubElement(source, "image").text = "procedural"
+    size_el = ET.SubElement(ann, "size")
+    for tag, value in (("width", w), ("height", h), ("depth", 3)):
+        ET.SubElement(size_el, tag).text = str(value)
+    ET.SubElement(ann, "segmented").text = "0"
+    for obj in objects:
+        el = ET.SubElement(ann, "object")
+        ET.SubElement(el, "name").text = obj.class_name
+        ET.SubElement(el, "pose").text = "Unspecified"
+        # Objects lie wholly inside the image (sample_object keeps them there), so none is truncated.
+        ET.SubElement(el, "truncated").text = "0"
+        ET.SubElement(el, "difficult").text = str(int(is_difficult(obj, size)))
+        box = ET.SubElement(el, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), voc_box(obj, size)):
+            ET.SubElement(box, tag).text = str(value)
+    ET.indent(ann, space="\t")
+    return ET.tostring(ann, encoding="unicode").encode() + b"\n"
+
+
+def write_voc(root: Union[str, os.PathLike], num_classes: int = 4, trainval_images: int = 200,
+              test_images: int = 100, image_size: Size = 128, objects_per_image: Tuple[int, int] = (1, 3),
+              year: str = "2007", seed: int = 0, workers: Optional[int] = None, jpeg_quality: int = 90) -> dict:
+    """Write one PASCAL VOC year directory at ``root`` (what sits at ``VOCdevkit/VOC2007``, i.e. detectron2's
+    ``$DETECTRON2_DATASETS/VOC2007``), readable by ``detectron2.data.datasets.pascal_voc.load_voc_instances``
+    and its VOC evaluator:
+
+    - ``JPEGImages/<id>.jpg`` and ``Annotations/<id>.xml``, ids ``000001``... (trainval first, then test);
+    - ``ImageSets/Main/{train,val,trainval,test}.txt`` (train = even trainval positions, val = odd) and
+      ``<class>_<split>.txt`` with VOC's flags: 1 present, 0 only as difficult, -1 absent.
+
+    Scenes come from :func:`sample_scene` (image ``i`` of split ``trainval``/``test`` draws from
+    ``scene_rng(seed, "voc", split, i)``). Boxes are 1-based inclusive pixels (:func:`voc_box`); objects whose
+    longer side is under 10% of the image are ``difficult`` (about 10% of objects); ``truncated`` is always 0.
+    ``image_size``: side or (width, height). Returns the meta dict plus ``root``, ``generated``, ``seconds``.
+    """
+    _check_count("trainval_images", trainval_images)
+    _check_count("test_images", test_images)
+    size = _check_image_size(image_size, 16)
+    opi = _check_objects_per_image(objects_per_image)
+    year = str(year)
+    if not (len(year) == 4 and year.isdigit()):
+        raise ValueError(f"year must be four digits like '2007', got {year!r}")
+    root = Path(root)
+    meta = _detection_meta("voc", num_classes, {"trainval": trainval_images, "test": test_images}, size, opi,
+                           seed, jpeg_quality)
+    meta["year"] = year
+    names = meta["classes"]
+    ids = {"trainval": [f"{i + 1:06d}" for i in range(trainval_images)],
+           "test": [f"{trainval_images + i + 1:06d}" for i in range(test_images)]}
+    ids["train"], ids["val"] = ids["trainval"][0::2], ids["trainval"][1::2]
+
+    def write_files(out: Path) -> None:
+        for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+            (out / d).mkdir(parents=True)
+        flags = {}  # id -> per class: 1 present, 0 only difficult, -1 absent
+        for split in ("trainval", "test"):
+            scenes = _scene_objects(seed, "voc", split, len(ids[split]), num_classes, size, opi)
+            for file_id, objects in zip(ids[split], scenes):
+                (out / "Annotations" / f"{file_id}.xml").write_bytes(_voc_xml(file_id, year, size, objects))
+                f = [-1] * num_classes
+                for obj in objects:
+                    f[obj.class_id] = max(f[obj.class_id], 0 if is_difficult(obj, size) else 1)
+                flags[file_id] = f
+        tasks = [t for split in ("trainval", "test") for t in _scene_tasks(
+            out / "JPEGImages", "voc", split, [f"{i}.jpg" for i in ids[split]], num_classes, size, opi, seed,
+            jpeg_quality)]
+        _run_tasks(_write_scene_images, tasks, _resolve_workers(workers, trainval_images + test_images))
+        main = out / "ImageSets" / "Main"
+        for split in _VOC_SPLITS:
+            (main / f"{split}.txt").write_text("".join(i + "\n" for i in ids[split]))
+            for c, name in enumerate(names):
+                (main / f"{name}_{split}.txt").write_text("".join(f"{i} {flags[i][c]:2d}\n" for i in ids[split]))
+
+    def verify(existing: Path) -> None:
+        for d, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+            _check_file_count(existing / d, suffix, trainval_images + test_images, existing)
+        _check_files_exist([existing / "ImageSets" / "Main" / f"{s}.txt" for s in _VOC_SPLITS], existing)
+
+    start = time.perf_counter()
+    generated = _write_atomically(root, meta, write_files, verify)
+    return {**meta, "root": str(root), "generated": generated, "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------------
+# COCO 2017 (what sits at $DETECTRON2_DATASETS/coco)
+# --------------------------------------------------------------------------------------------------------
+
+_COCO_SPLITS = ("train2017", "val2017")
+# Fixed, so the json is byte-identical run to run.
+_COCO_INFO = {"description": "Synthetic shapes in the COCO 2017 layout (pretrain.synthetic)", "url": "",
+              "version": "1.0", "year": 2017, "contributor": "pretrain.synthetic", "date_created": "2017/09/01"}
+_COCO_LICENSES = [{"id": 1, "name": "procedurally generated, no restrictions", "url": ""}]
+
+
+def coco_annotation(obj: Object, ann_id: int, image_id: int) -> dict:
+    """A COCO instance: the polygon (2 decimals, as COCO stores them), its shoelace area, its box [x, y, w, h]."""
+    poly = np.round(obj.polygon, 2)
+    x, y = poly[:, 0], poly[:, 1]
+    area = float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    x0, y0, x1, y1 = float(x.min()), float(y.min()), float(x.max()), float(y.max())
+    return {"id": ann_id, "image_id": image_id, "category_id": obj.class_id + 1,
+            "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]], "area": round(area, 2),
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "iscrowd": 0}
+
+
+def write_coco(root: Union[str, os.PathLike], num_classes: int = 4, train_images: int = 200, val_images: int = 50,
+               image_size: Size = 128, objects_per_image: Tuple[int, int] = (1, 3), seed: int = 0,
+               workers: Optional[int] = None, jpeg_quality: int = 90) -> dict:
+    """Write the COCO 2017 layout at ``root`` (what sits at ``$DETECTRON2_DATASETS/coco``):
+    ``{train2017,val2017}/<12-digit id>.jpg`` and ``annotations/instances_{train2017,val2017}.json`` with
+    ``info``, ``licenses``, ``images``, ``annotations`` (polygon ``segmentation``, polygon ``area``, ``bbox``
+    [x, y, w, h], ``iscrowd`` 0) and ``categories`` (ids from 1, names ``class_names(num_classes)``,
+    supercategory ``shape``). Image ids are 1.. over train then val; annotation ids likewise.
+
+    Scenes are the VOC writer's (:func:`sample_scene`; image ``i`` of split ``train``/``val`` draws from
+    ``scene_rng(seed, "coco", split, i)``). Returns the meta dict plus ``root``, ``generated``, ``seconds``.
+    """
+    _check_count("train_images", train_images)
+    _check_count("val_images", val_images)
+    size = _check_image_size(image_size, 16)
+    opi = _check_objects_per_image(objects_per_image)
+    root = Path(root)
+    meta = _detection_meta("coco", num_classes, {"train2017": train_images, "val2017": val_images}, size, opi,
+                           seed, jpeg_quality)
+    categories = [{"supercategory": "shape", "id": c + 1, "name": n} for c, n in enumerate(meta["classes"])]
+
+    def write_files(out: Path) -> None:
+        (out / "annotations").mkdir()
+        next_image, next_ann, tasks = 1, 1, []
+        for folder, split in zip(_COCO_SPLITS, ("train", "val")):
+            (out / folder).mkdir()
+            count = meta["splits"][folder]
+            image_ids = list(range(next_image, next_image + count))
+            next_image += count
+            file_names = [f"{i:012d}.jpg" for i in image_ids]
+            images, annotations = [], []
+            for image_id, name, objects in zip(image_ids, file_names,
+                                               _scene_objects(seed, "coco", split, count, num_classes, size, opi)):
+                images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1],
+                               "license": 1})
+                for obj in objects:
+                    annotations.append(coco_annotation(obj, next_ann, image_id))
+                    next_ann += 1
+            with open(out / "annotations" / f"instances_{folder}.json", "w") as f:
+                json.dump({"info": _COCO_INFO, "licenses": _COCO_LICENSES, "images": images,
+                           "annotations": annotations, "categories": categories}, f)
+            tasks += _scene_tasks(out / folder, "coco", split, file_names, num_classes, size, opi, seed,
+                                  jpeg_quality)
+        _run_tasks(_write_scene_images, tasks, _resolve_workers(workers, train_images + val_images))
+
+    def verify(existing: Path) -> None:
+        for folder in _COCO_SPLITS:
+            _check_file_count(existing / folder, ".jpg", meta["splits"][folder], existing)
+        _check_files_exist([existing / "annotations" / f"instances_{f}.json" for f in _COCO_SPLITS], existing)
 
     start = time.perf_counter()
     generated = _write_atomically(root, meta, write_files, verify)
