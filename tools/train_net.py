@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Fine-tune a converted student in detectron2 (C4 Faster R-CNN on VOC, Mask R-CNN C4 on COCO) and evaluate it.
+
+    python tools/convert_to_d2.py runs/disco_r18/export/resnet18.pth r18.pkl
+    python tools/train_net.py --config-file configs/detection/voc/r18_C4_24k.yaml --num-gpus 8 \\
+        MODEL.WEIGHTS r18.pkl OUTPUT_DIR runs/det/voc_r18
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS runs/det/voc_r18/model_final.pth
+    python tools/train_net.py --config-file ... --slurm --gpus-per-node 8 --partition learnfair ...
+
+detectron2's ``default_argument_parser`` plus the project's SLURM flags; datasets under ``$DETECTRON2_DATASETS``
+(VOC2007/, VOC2012/, coco/) or the synthetic ones (``DATASETS.SYNTHETIC_ROOT``). Logic: :mod:`transfer.d2.train`.
+"""
+import os
+import sys
+
+# tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+    sys.path[0] = os.path.dirname(_TOOLS)
+
+from pretrain.launch import argument_parser  # noqa: E402
+from transfer.d2.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    args = argument_parser("detectron2 transfer of DisCo students (train / evaluate)").parse_args()
+    main(args)
