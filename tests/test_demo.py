@@ -1,4 +1,5 @@
-"""The README's main job end to end, at a toy size: data -> teacher -> DisCo + MoCo-v2 students -> kNN table."""
+"""The README's main job end to end, at a toy size: data -> teacher -> DisCo + MoCo-v2 students -> kNN and
+linear-probe table, t-SNE figure and training curves."""
 import json
 import os
 import subprocess
@@ -16,13 +17,19 @@ def test_demo_runs_end_to_end(tmp_path):
            "MODEL.MOCO.QUEUE_SIZE", "64", "TEST.KNN.PERIOD", "-1", "DATA.NUM_WORKERS", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "student DisCo" in proc.stdout and "student MoCo-v2" in proc.stdout
+    assert "student DisCo" in proc.stdout and "student MoCo-v2" in proc.stdout and "linear top-1" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     for name, method in (("teacher (MoCo-v2)", "moco"), ("student DisCo", "disco"), ("student MoCo-v2", "moco")):
         r = res[name]
         assert r["method"] == method and 0 <= r["knn_top1"] <= r["knn_top5"] <= 100
+        assert 0 <= r["linear_top1"] <= r["linear_top5"] <= 100
+        probe = json.loads(open(os.path.join(r["linear_output_dir"], "results.json")).read())
+        assert probe["weights"] == r["export"] and probe["epochs"] == 100 and probe["cached_features"]
+        assert round(probe["top1"], 2) == r["linear_top1"]
         backbone, meta = load_exported_backbone(r["export"])
         assert meta["arch"] == r["arch"] and os.path.isfile(r["head"])
+    for png in (res["tsne_png"], res["curves_png"]):
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert res["student DisCo"]["arch"] == res["student MoCo-v2"]["arch"]
     teacher_export = res["teacher (MoCo-v2)"]["export"]
     assert load_exported_backbone(res["student DisCo"]["export"])[1]["teacher"]["weights"] == teacher_export

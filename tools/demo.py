@@ -5,7 +5,10 @@
 2. pretrain a small MoCo-v2 teacher (``configs/pretrain/quickstart_teacher.yaml``);
 3. distil a student from it with DisCo (``quickstart.yaml``) and, with the same budget, train the same student with
    MoCo-v2 only (``quickstart_moco.yaml``) -- the two students train side by side in two processes;
-4. print the kNN accuracy of the teacher and both students on the held-out split, and write ``results.json``.
+4. print the kNN accuracy of the teacher and both students on the held-out split;
+5. a linear probe of each frozen backbone (``configs/eval/quick_linear.yaml``: cached features, 100 epochs, seconds),
+   a t-SNE figure of the three models' features (``tsne.png``, the paper's Figure 8) and the training curves
+   (``curves.png``); write ``results.json``.
 
 Every stage auto-resumes from its OUTPUT_DIR, so an interrupted demo continues where it stopped.
 
@@ -29,10 +32,15 @@ from pretrain.checkpoint import load_exported_backbone  # noqa: E402
 from pretrain.config import setup_cfg  # noqa: E402
 from pretrain.synthetic import write_imagefolder  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
+from transfer.config import setup_cfg as setup_eval_cfg  # noqa: E402
 from transfer.knn import build_knn_loaders, knn_evaluate  # noqa: E402
+from transfer.linear import run_linear_probe  # noqa: E402
+from transfer.plots import plot_training_curves  # noqa: E402
+from transfer.tsne import run_tsne  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "pretrain")
+EVAL_CONFIGS = os.path.join(ROOT, "configs", "eval")
 
 
 def stage_cfg(name: str, out: str, data: str, opts, extra=()):
@@ -97,7 +105,7 @@ def main():
 
     size = ["DATA.IMAGE_SIZE", str(args.image_size), "TEST.KNN.IMAGE_SIZE", str(args.image_size)]
     teacher_cfg = stage_cfg("quickstart_teacher.yaml", out, data, args.opts, size)
-    print(f"[demo] 1/3 MoCo-v2 teacher {teacher_cfg.MODEL.STUDENT.ARCH}, {teacher_cfg.SOLVER.EPOCHS} epochs",
+    print(f"[demo] 1/4 MoCo-v2 teacher {teacher_cfg.MODEL.STUDENT.ARCH}, {teacher_cfg.SOLVER.EPOCHS} epochs",
           flush=True)
     teacher = train(teacher_cfg, 1)  # 1 compute thread + 1 data worker beats 2 threads on 32-px images
 
@@ -105,11 +113,11 @@ def main():
                           size + ["MODEL.TEACHER.WEIGHTS", teacher["export"],
                                   "MODEL.TEACHER.ARCH", teacher_cfg.MODEL.STUDENT.ARCH])
     moco_cfg = stage_cfg("quickstart_moco.yaml", out, data, args.opts, size)
-    print(f"[demo] 2/3 students {disco_cfg.MODEL.STUDENT.ARCH}, {disco_cfg.SOLVER.EPOCHS} epochs each: DisCo and "
+    print(f"[demo] 2/4 students {disco_cfg.MODEL.STUDENT.ARCH}, {disco_cfg.SOLVER.EPOCHS} epochs each: DisCo and "
           f"MoCo-v2 side by side", flush=True)
     disco, moco = train_side_by_side([disco_cfg, moco_cfg])
 
-    print("[demo] 3/3 kNN evaluation on the held-out split", flush=True)
+    print("[demo] 3/4 kNN evaluation on the held-out split", flush=True)
     loaders = build_knn_loaders(os.path.join(data, "train"), os.path.join(data, "val"), args.image_size,
                                 batch_size=256)
     rows = [("teacher (MoCo-v2)", teacher_cfg, teacher), ("student DisCo", disco_cfg, disco),
@@ -123,18 +131,39 @@ def main():
                          "epochs": meta["epoch"], "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2),
                          "train_minutes": round(res["minutes"], 2), "export": res["export"], "head": res["head"],
                          "output_dir": cfg.OUTPUT_DIR}
+
+    print("[demo] 4/4 linear probes (cached features), t-SNE figure, training curves", flush=True)
+    eval_data = ["DATA.NAME", "demo", "DATA.TRAIN_DIR", os.path.join(data, "train"), "DATA.VAL_DIR",
+                 os.path.join(data, "val"), "DATA.IMAGE_SIZE", str(args.image_size), "DATA.VAL_RESIZE",
+                 str(args.image_size)]
+    for name, cfg, res in rows:
+        probe = run_linear_probe(setup_eval_cfg(os.path.join(EVAL_CONFIGS, "quick_linear.yaml"), [
+            "OUTPUT_DIR", os.path.join(out, "linear", os.path.basename(cfg.OUTPUT_DIR)), "MODEL.WEIGHTS",
+            res["export"], *eval_data]))
+        results[name].update(linear_top1=round(probe["top1"], 2), linear_top5=round(probe["top5"], 2),
+                             linear_output_dir=probe["output_dir"])
+    tsne = run_tsne(setup_eval_cfg("", [
+        "OUTPUT_DIR", os.path.join(out, "tsne"), "MODEL.WEIGHTS", rows[0][2]["export"], "TSNE.COMPARE_WEIGHTS",
+        str([disco["export"], moco["export"]]), "TSNE.NUM_CLASSES", str(min(10, info["num_classes"])),
+        "TSNE.PER_CLASS", str(min(50, info["splits"]["val"])), "DATA.NUM_WORKERS", "0",
+        "DATA.INTERPOLATION", "bicubic", *eval_data]))
+    curves = plot_training_curves({name: cfg.OUTPUT_DIR for name, cfg, _ in rows}, os.path.join(out, "curves.png"))
+    results.update(tsne_png=tsne["png"], curves_png=curves)
     results["minutes_total"] = round((time.perf_counter() - t0) / 60, 2)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    print(f"\n{'model':20s} {'arch':24s} {'params':>7s} {'epochs':>6s} {'kNN top-1':>10s} {'kNN top-5':>10s}")
+    print(f"\n{'model':20s} {'arch':14s} {'params':>7s} {'epochs':>6s} {'kNN top-1':>10s} {'kNN top-5':>10s} "
+          f"{'linear top-1':>13s} {'linear top-5':>13s}")
     for name, _, _ in rows:
         r = results[name]
-        print(f"{name:20s} {r['arch']:24s} {r['params_m']:6.2f}M {r['epochs']:6d} {r['knn_top1']:10.2f} "
-              f"{r['knn_top5']:10.2f}")
+        print(f"{name:20s} {r['arch']:14s} {r['params_m']:6.2f}M {r['epochs']:6d} {r['knn_top1']:10.2f} "
+              f"{r['knn_top5']:10.2f} {r['linear_top1']:13.2f} {r['linear_top5']:13.2f}")
     chance = 100.0 / info["num_classes"]
-    print(f"(weighted kNN, k={teacher_cfg.TEST.KNN.K}, on {info['splits']['val'] * info['num_classes']} held-out "
-          f"images; chance = {chance:.1f}%) total {results['minutes_total']:.1f} min; {os.path.join(out, 'results.json')}")
+    print(f"(weighted kNN, k={teacher_cfg.TEST.KNN.K}, and a linear probe on frozen features (100 epochs, cached), on "
+          f"{info['splits']['val'] * info['num_classes']} held-out images; chance = {chance:.1f}%) total "
+          f"{results['minutes_total']:.1f} min; {os.path.join(out, 'results.json')}")
+    print(f"t-SNE: {tsne['png']}  training curves: {curves}")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,68 @@ def knn_evaluate(backbone: torch.nn.Module, loaders: Tuple[DataLoader, DataLoade
     train_f, train_l = extract_features(backbone, bank_loader, device, amp_dtype, channels_last)
     val_f, val_l = extract_features(backbone, val_loader, device, amp_dtype, channels_last)
     return knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The offline evaluator (tools/eval_knn.py)
+
+
+def knn_summary_line(r: dict) -> str:
+    """e.g. ``knn resnet18 imagenet: top-1 48.20 top-5 71.00 (k=20, T=0.07, 1281167 train images)``."""
+    data = f"{r['dataset']} ({r['subset']})" if r["subset"] else r["dataset"]
+    return (f"knn {r['arch']} {data}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} (k={r['k']}, "
+            f"T={r['temperature']:g}, {r['train_images']} train images)")
+
+
+def run(args) -> Dict:
+    """One process of ``tools/eval_knn.py``: features of the (subset of the) training split and of the evaluation
+    split with the evaluation transform (extracted by all processes together), weighted kNN on rank 0, then
+    ``OUTPUT_DIR/results.json`` and one summary line."""
+    import json
+    import os
+    import time
+
+    from pretrain import distributed as du
+    from pretrain.trainer import setup_logging
+
+    from .config import save_cfg, setup_cfg
+    from .linear import (TransformedDataset, amp_dtype_of, build_datasets, dataset_name, eval_transform,
+                         extract_features, load_backbone)
+    from .semi import SubsetView
+
+    cfg = setup_cfg(args.config_file, args.opts)
+    if args.eval_only or args.resume:
+        raise ValueError("kNN evaluation trains nothing: --eval-only / --resume do not apply")
+    t0 = time.perf_counter()
+    device = du.init_distributed()
+    rank = du.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logging(cfg.OUTPUT_DIR, rank)
+    if rank == 0:
+        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    backbone, info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
+    backbone.to(device)
+    train, val, subset = build_datasets(cfg)
+    if cfg.KNN.MAX_TRAIN_IMAGES:
+        train = SubsetView(train, balanced_subset(train.targets, cfg.KNN.MAX_TRAIN_IMAGES, cfg.SEED))
+        subset = ", ".join(filter(None, [subset, f"{len(train)} class-balanced"]))
+    tf = eval_transform(cfg)
+    kw = dict(device=device, batch_size=cfg.TEST.IMS_PER_BATCH, num_workers=cfg.DATA.NUM_WORKERS,
+              amp_dtype=amp_dtype_of(cfg.MODEL.AMP_DTYPE), channels_last=cfg.MODEL.CHANNELS_LAST)
+    train_f = F.normalize(extract_features(backbone, TransformedDataset(train, tf), **kw), dim=1)
+    val_f = F.normalize(extract_features(backbone, TransformedDataset(val, tf), **kw), dim=1)
+    results = {}
+    if rank == 0:
+        acc = knn_accuracy(train_f, torch.as_tensor(train.targets), val_f, torch.as_tensor(val.targets),
+                           len(train.classes), cfg.KNN.K, cfg.KNN.TEMPERATURE)
+        results = {"eval": "knn", "arch": info["arch"], "weights": info["weights"],
+                   "checkpoint_format": info["format"], "dataset": dataset_name(cfg), "subset": subset,
+                   "num_classes": len(train.classes), "train_images": len(train), "val_images": len(val),
+                   "k": cfg.KNN.K, "temperature": cfg.KNN.TEMPERATURE, "top1": round(acc["top1"], 3),
+                   "top5": round(acc["top5"], 3), "seconds": round(time.perf_counter() - t0, 3),
+                   "output_dir": os.path.abspath(cfg.OUTPUT_DIR)}
+        with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(knn_summary_line(results), flush=True)
+    du.barrier()
+    return results

@@ -1,0 +1,186 @@
+"""Linear evaluation: the CLI end to end, a frozen backbone that stays bitwise unchanged, resume, --eval-only, strict
+loading, official MoCo checkpoints and every student architecture."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.checkpoint import export_encoder, read_backbone
+from pretrain.model import build_encoder
+from transfer.config import setup_cfg
+from transfer.linear import (EpochSampler, LinearEvaluator, changed_keys, frozen_state, load_backbone, lr_factor,
+                             summary_line)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHERS_ONLY = {"resnet101", "resnet152", "resnet50x2"}  # teachers; resnet50 stays in (paper Figure 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, 2 OpenMP threads run these tiny models many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_opts(out, data, weights, **over):
+    opts = {"OUTPUT_DIR": out, "MODEL.WEIGHTS": weights, "DATA.TRAIN_DIR": data / "train",
+            "DATA.VAL_DIR": data / "val", "DATA.IMAGE_SIZE": 32, "DATA.VAL_RESIZE": 36, "DATA.NUM_WORKERS": 0,
+            "SOLVER.EPOCHS": 2, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.BASE_LR": 0.5, "TEST.IMS_PER_BATCH": 32}
+    opts.update(over)
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+def cfg_of(*args, **kw):
+    return setup_cfg("", linear_opts(*args, **kw))
+
+
+def _cli(args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_linear.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cli_trains_evaluates_and_eval_only_reloads(tmp_path, imagefolder, teacher_export):
+    out = tmp_path / "lin"
+    stdout = _cli(["--config-file", os.path.join(ROOT, "configs/eval/linear_imagenet_resnet.yaml"),
+                   *linear_opts(out, imagefolder, teacher_export)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["eval"] == "linear" and res["arch"] == "resnet18" and res["checkpoint_format"] == "export"
+    assert res["epochs"] == 2 and res["train_images"] == 64 and res["val_images"] == 16 and res["num_classes"] == 4
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["top5"] == 100  # 4 classes: top-5 covers all
+    summary = [line for line in stdout.splitlines() if line.startswith("linear resnet18 shapes:")]
+    assert summary == [summary_line(res)]
+    assert (out / "config.yaml").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and all(r["lr"] == 0.5 for r in lines)
+
+    # --eval-only: the saved classifier, evaluated again without training, gives the same numbers
+    (out / "results.json").unlink()
+    stdout = _cli(["--config-file", os.path.join(ROOT, "configs/eval/linear_imagenet_resnet.yaml"), "--eval-only",
+                   *linear_opts(out, imagefolder, teacher_export)])
+    again = json.loads((out / "results.json").read_text())
+    assert (again["top1"], again["top5"], again["epochs"]) == (res["top1"], res["top5"], 2)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # nothing trained
+
+
+def test_eval_only_without_a_classifier_is_an_error(tmp_path, imagefolder, teacher_export):
+    with pytest.raises(FileNotFoundError, match="no readable classifier checkpoint"):
+        LinearEvaluator(cfg_of(tmp_path, imagefolder, teacher_export)).eval_only()
+
+
+def test_backbone_frozen_bitwise_and_classifier_learns(tmp_path, imagefolder):
+    # non-trivial BN statistics: a train-mode BN would move them at the first batch
+    torch.manual_seed(3)
+    enc = build_encoder("resnet18", 32, 16)
+    with torch.no_grad():
+        for m in enc.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = export_encoder(enc, "resnet18", str(tmp_path / "exp"), "resnet18", {"method": "disco"})["backbone"]
+    ev = LinearEvaluator(cfg_of(tmp_path / "out", imagefolder, path))
+    ev.setup()
+    before, clf_before = frozen_state(ev.backbone), frozen_state(ev.classifier)
+    ev.resume_or_start()
+    for _ in range(2):
+        ev.train_epoch()
+    assert changed_keys(before, frozen_state(ev.backbone)) == []
+    assert changed_keys(read_backbone(path).state_dict, frozen_state(ev.backbone)) == []
+    assert changed_keys(clf_before, frozen_state(ev.classifier)) == ["bias", "weight"]
+    assert not any(p.requires_grad for p in ev.backbone.parameters()) and not ev.backbone.training
+    assert clf_before["bias"].abs().sum() == 0 and 0.005 < clf_before["weight"].std() < 0.015  # MoCo's init
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, imagefolder, teacher_export):
+    over = {"SOLVER.EPOCHS": 3, "SOLVER.STEPS": "(1, 2)"}  # lr changes at every epoch: the scheduler must resume
+    full = LinearEvaluator(cfg_of(tmp_path / "full", imagefolder, teacher_export, **over)).run()
+    first = LinearEvaluator(cfg_of(tmp_path / "cut", imagefolder, teacher_export, **over,
+                                   **{"SOLVER.STOP_AT_EPOCH": 1})).run()
+    assert first is None and not (tmp_path / "cut" / "results.json").exists()
+    resumed = LinearEvaluator(cfg_of(tmp_path / "cut", imagefolder, teacher_export, **over)).run()
+    assert (resumed["top1"], resumed["top5"], resumed["epochs"]) == (full["top1"], full["top5"], 3)
+    a = torch.load(tmp_path / "full/checkpoints/model_0000003.pth", weights_only=False)
+    b = torch.load(tmp_path / "cut/checkpoints/model_0000003.pth", weights_only=False)
+    for k in a["classifier"]:
+        assert torch.equal(a["classifier"][k], b["classifier"][k]), k
+    assert [json.loads(x)["lr"] for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([0.5, 0.05, 0.005])
+
+
+def test_strict_loading_names_missing_keys(tmp_path, teacher_export):
+    ckpt = torch.load(teacher_export, weights_only=False)
+    del ckpt["state_dict"]["layer4.1.bn2.running_var"]
+    broken = tmp_path / "broken.pth"
+    torch.save(ckpt, broken)
+    with pytest.raises(KeyError, match=r"missing keys \(1\): \['layer4.1.bn2.running_var'\]"):
+        load_backbone(str(broken))
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS"):
+        load_backbone(str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        load_backbone("")
+
+
+def test_official_moco_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    enc = build_encoder("resnet18", 64, 16).eval()
+    sd = {f"module.encoder_q.{k}": v for k, v in enc.backbone.state_dict().items()}
+    sd.update({f"module.encoder_q.fc.{k}": v for k, v in enc.head.state_dict().items()})
+    sd.update({k.replace("encoder_q", "encoder_k"): v + 1 for k, v in sd.items()})
+    sd.update({"module.queue": torch.randn(16, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    path = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
+    backbone, info = load_backbone(str(path), "resnet18")
+    assert info["format"] == "moco" and "module.queue" in info["skipped"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), enc.backbone(x))
+
+
+@pytest.mark.parametrize("arch", [a for a in __import__("pretrain.backbones", fromlist=["BACKBONES"]).BACKBONES
+                                  if a not in TEACHERS_ONLY])
+def test_every_student_architecture(tmp_path, imagefolder, arch):
+    torch.manual_seed(0)
+    path = export_encoder(build_encoder(arch, 32, 16), arch, str(tmp_path), arch, {"method": "disco"})["backbone"]
+    res = LinearEvaluator(cfg_of(tmp_path / "out", imagefolder, path, **{
+        "SOLVER.EPOCHS": 1, "SOLVER.IMS_PER_BATCH": 32, "DATA.TRAIN_AUGMENT": False, "SOLVER.CACHE_FEATURES": True,
+        "DATA.VAL_RESIZE": 32})).run()
+    assert res["arch"] == arch and 0 <= res["top1"] <= 100 and res["val_images"] == 16
+
+
+def test_schedules_and_sampler():
+    cfg = setup_cfg("", [])
+    assert [lr_factor(cfg, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = setup_cfg("", ["SOLVER.SCHEDULER", "cosine"])
+    assert lr_factor(cos, 0) == 1 and lr_factor(cos, 50) == pytest.approx(0.5) and lr_factor(cos, 99) < 0.001
+    # two processes together cover the epoch exactly once (plus wrap-around padding) with equal shares
+    a, b = EpochSampler(7, 0, 2, seed=1), EpochSampler(7, 1, 2, seed=1)
+    assert len(a.indices()) == len(b.indices()) == 4 and set(a.indices() + b.indices()) == set(range(7))
+    one = EpochSampler(7, seed=1)
+    assert sorted(one.indices()) == list(range(7))
+    one.set_epoch(1)
+    assert one.indices() != EpochSampler(7, seed=1).indices()
+    with pytest.raises(ValueError, match="CACHE_FEATURES needs DATA.TRAIN_AUGMENT False"):
+        setup_cfg("", ["SOLVER.CACHE_FEATURES", "True"])
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_two_processes_train_the_same_classifier_as_one(tmp_path, imagefolder, teacher_export, cached):
+    """--num-gpus 2 (gloo on CPU): each process takes every other sample of each global batch and DDP averages the
+    gradients, so the global batches, and hence the classifier, are those of a single process. Cached: the two
+    processes extract interleaved halves of the features and all-gather them back into dataset order."""
+    over = {"DATA.TRAIN_AUGMENT": False, "SOLVER.CACHE_FEATURES": True} if cached else {}
+    runs = {1: LinearEvaluator(cfg_of(tmp_path / "p1", imagefolder, teacher_export, **over)).run()}
+    _cli(["--num-gpus", "2", *linear_opts(tmp_path / "p2", imagefolder, teacher_export, **over)])
+    runs[2] = json.loads((tmp_path / "p2/results.json").read_text())
+    for n in (1, 2):
+        runs[n]["clf"] = torch.load(tmp_path / f"p{n}/checkpoints/model_0000002.pth", weights_only=False)["classifier"]
+    assert runs[2]["val_images"] == runs[1]["val_images"] == 16  # every image evaluated once, none padded
+    assert abs(runs[2]["top1"] - runs[1]["top1"]) <= 100 / 16 + 1e-6
+    for k in runs[1]["clf"]:
+        torch.testing.assert_close(runs[2]["clf"][k], runs[1]["clf"][k], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,183 @@
+"""The evaluators' configuration (linear, semi-supervised, CIFAR, kNN, t-SNE) and their command line.
+
+One config language with the pretrainer: an fvcore ``CfgNode`` that rejects duplicated yaml keys
+(:class:`pretrain.config.StrictYamlMixin`), ``_BASE_`` inheritance, trailing ``KEY VALUE`` overrides, and the resolved
+config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. The command line is detectron2's
+``default_argument_parser`` plus the SLURM flags of :mod:`pretrain.slurm`, launched the way ``pretrain/launch.py``
+does (local, ``--num-gpus N`` processes, or ``--slurm``).
+"""
+import argparse
+import os
+from typing import Any, Callable
+
+from fvcore.common.config import CfgNode as _FvcoreCfgNode
+
+from pretrain.config import StrictYamlMixin
+
+
+class CfgNode(StrictYamlMixin, _FvcoreCfgNode):
+    pass
+
+
+CN = CfgNode
+_C = CN()
+
+_C.OUTPUT_DIR = "runs/eval"  # config.yaml, log.txt, metrics.jsonl, checkpoints/, results.json (and PNGs) go here
+_C.SEED = 0  # classifier initialisation, the training order (a permutation per (SEED, epoch)) and augmentations
+
+_C.MODEL = CN()
+_C.MODEL.ARCH = ""  # backbone name in pretrain.backbones.BACKBONES; "" = the one the checkpoint names
+_C.MODEL.WEIGHTS = ""  # frozen backbone: our export, MoCo-v1/v2 .pth.tar, SwAV, DisCo-pytorch; "random" = untrained
+_C.MODEL.AMP_DTYPE = ""  # autocast dtype of the frozen backbone's forward: "" (fp32, the paper), bfloat16, float16
+_C.MODEL.CHANNELS_LAST = False  # channels_last memory format for the backbone (faster with AMP on GPUs)
+
+_C.DATA = CN()
+_C.DATA.DATASET = "imagefolder"  # "imagefolder" (TRAIN_DIR / VAL_DIR), "cifar10" or "cifar100" (ROOT, python pickles)
+_C.DATA.NAME = ""  # dataset name in the summary line and results.json ("" = derived from DATASET and the paths)
+_C.DATA.TRAIN_DIR = ""  # ImageFolder root of the labelled training images, e.g. /datasets/imagenet/train
+_C.DATA.VAL_DIR = ""  # ImageFolder root of the evaluation images, e.g. /datasets/imagenet/val (same class folders)
+_C.DATA.ROOT = ""  # CIFAR: the folder holding cifar-10-batches-py / cifar-100-python, or that folder itself
+_C.DATA.SUBSET_FILE = ""  # SimCLR subset list (1percent.txt / 10percent.txt): train only on the images it names
+_C.DATA.SUBSET_PERCENT = 0.0  # no list: a deterministic class-balanced PERCENT % of each class (0 = every image)
+_C.DATA.SUBSET_PER_CLASS = 0  # no list: a deterministic class-balanced PER_CLASS images of each class (0 = all)
+_C.DATA.IMAGE_SIZE = 224  # RandomResizedCrop size for training, centre-crop size for evaluation
+_C.DATA.VAL_RESIZE = 256  # evaluation: resize the shorter side to this, then centre-crop IMAGE_SIZE (CIFAR: 224)
+_C.DATA.INTERPOLATION = "bilinear"  # resize interpolation: bilinear (MoCo's lincls) or bicubic (CIFAR 32 -> 224)
+_C.DATA.TRAIN_AUGMENT = True  # True: RandomResizedCrop + flip; False: the evaluation resize/crop (CIFAR protocol)
+_C.DATA.MEAN = (0.485, 0.456, 0.406)  # normalisation mean (RGB, 0-1)
+_C.DATA.STD = (0.229, 0.224, 0.225)  # normalisation std (RGB, 0-1)
+_C.DATA.NUM_WORKERS = 8  # DataLoader workers per process
+
+_C.SOLVER = CN()
+_C.SOLVER.EPOCHS = 100  # linear classifier training epochs (paper: 100)
+_C.SOLVER.IMS_PER_BATCH = 256  # total batch over all processes (MoCo's lincls: 256)
+_C.SOLVER.BASE_LR = 30.0  # learning rate, not scaled with the batch (paper: 30 ResNets, 3 EfficientNet/MobileNet)
+_C.SOLVER.MOMENTUM = 0.9  # SGD momentum
+_C.SOLVER.WEIGHT_DECAY = 0.0  # SGD weight decay (MoCo's and DisCo's lincls: 0)
+_C.SOLVER.SCHEDULER = "multistep"  # "multistep": lr * GAMMA at each epoch in STEPS; "cosine": per-epoch cosine to 0
+_C.SOLVER.STEPS = (60, 80)  # multistep: epochs at which the lr is multiplied by GAMMA (paper: 60 and 80)
+_C.SOLVER.GAMMA = 0.1  # multistep factor (paper: /10; DisCo-pytorch's scripts halve it, see configs/eval/README)
+_C.SOLVER.CACHE_FEATURES = False  # extract frozen features once and train on them (needs DATA.TRAIN_AUGMENT False)
+_C.SOLVER.STOP_AT_EPOCH = -1  # stop cleanly (checkpoint written) after this many epochs; -1 = run to the end
+_C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs between checkpoints (also after the last epoch and at STOP_AT_EPOCH)
+_C.SOLVER.MAX_TO_KEEP = 2  # newest per-epoch checkpoints kept in OUTPUT_DIR/checkpoints
+
+_C.TEST = CN()
+_C.TEST.EVAL_PERIOD = 0  # epochs between evaluations on the validation set during training (0 = only at the end)
+_C.TEST.IMS_PER_BATCH = 256  # batch per process for evaluation and feature extraction
+
+_C.KNN = CN()
+_C.KNN.K = 20  # neighbours (DINO: 20)
+_C.KNN.TEMPERATURE = 0.07  # each neighbour votes with weight exp(cosine similarity / T) (DINO: 0.07)
+_C.KNN.MAX_TRAIN_IMAGES = 0  # feature bank: at most this many training images, class-balanced (0 = all)
+
+_C.TSNE = CN()
+_C.TSNE.NUM_CLASSES = 10  # classes drawn (the first ones after a seeded shuffle; paper Figure 8: 10 ImageNet classes)
+_C.TSNE.PER_CLASS = 50  # evaluation images per class embedded
+_C.TSNE.PERPLEXITY = 30.0  # t-SNE perplexity (lowered automatically when there are too few points)
+_C.TSNE.COMPARE_WEIGHTS = ()  # more checkpoints drawn as further panels next to MODEL.WEIGHTS (paper: three)
+_C.TSNE.COMPARE_ARCHS = ()  # their architectures, in the same order ("" or absent = the one each checkpoint names)
+
+DATASETS = ("imagefolder", "cifar10", "cifar100")
+
+
+def get_cfg() -> CfgNode:
+    """A fresh copy of the defaults above."""
+    return _C.clone()
+
+
+def validate_cfg(cfg: CfgNode) -> None:
+    d, s = cfg.DATA, cfg.SOLVER
+    if d.DATASET not in DATASETS:
+        raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
+    if d.INTERPOLATION not in ("bilinear", "bicubic"):
+        raise ValueError(f"DATA.INTERPOLATION must be 'bilinear' or 'bicubic', got {d.INTERPOLATION!r}")
+    if s.SCHEDULER not in ("multistep", "cosine"):
+        raise ValueError(f"SOLVER.SCHEDULER must be 'multistep' or 'cosine', got {s.SCHEDULER!r}")
+    if cfg.MODEL.AMP_DTYPE not in ("", "bfloat16", "float16"):
+        raise ValueError(f"MODEL.AMP_DTYPE must be '', 'bfloat16' or 'float16', got {cfg.MODEL.AMP_DTYPE!r}")
+    if s.CACHE_FEATURES and d.TRAIN_AUGMENT:
+        raise ValueError("SOLVER.CACHE_FEATURES needs DATA.TRAIN_AUGMENT False: cached features are computed once, "
+                         "so random crops / flips cannot be redrawn each epoch")
+    chosen = [k for k, v in (("DATA.SUBSET_FILE", d.SUBSET_FILE), ("DATA.SUBSET_PERCENT", d.SUBSET_PERCENT),
+                             ("DATA.SUBSET_PER_CLASS", d.SUBSET_PER_CLASS)) if v]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one way to take a training subset, got {' and '.join(chosen)}")
+    if d.SUBSET_FILE and d.DATASET != "imagefolder":
+        raise ValueError("DATA.SUBSET_FILE names ImageFolder files; for CIFAR use DATA.SUBSET_PERCENT / PER_CLASS")
+    if not 0 <= d.SUBSET_PERCENT <= 100:
+        raise ValueError(f"DATA.SUBSET_PERCENT must be in [0, 100], got {d.SUBSET_PERCENT}")
+    if s.CHECKPOINT_PERIOD < 1:
+        raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be >= 1 epoch, got {s.CHECKPOINT_PERIOD}")
+    if len(cfg.TSNE.COMPARE_ARCHS) > len(cfg.TSNE.COMPARE_WEIGHTS):
+        raise ValueError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
+
+
+def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
+    """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze."""
+    cfg = get_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        cfg.merge_from_file(config_file)
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+        cfg.merge_from_list(_ints_as_floats(cfg, list(opts)))
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def _ints_as_floats(cfg: CfgNode, opts: list) -> list:
+    """``SOLVER.BASE_LR 3`` on the command line means 3.0: yacs would refuse an int for a float key."""
+    out = list(opts)
+    for i in range(0, len(out), 2):
+        node = cfg
+        for part in str(out[i]).split("."):
+            node = node.get(part) if isinstance(node, _FvcoreCfgNode) else None
+        if isinstance(node, float) and isinstance(out[i + 1], str):
+            try:
+                out[i + 1] = repr(float(int(out[i + 1])))
+            except ValueError:
+                pass
+    return out
+
+
+def save_cfg(cfg: CfgNode, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser`` (--config-file, --resume, --eval-only, --num-gpus, --num-machines,
+    --machine-rank, --dist-url, trailing KEY VALUE opts) plus the SLURM flags of :mod:`pretrain.slurm`."""
+    from detectron2.engine import default_argument_parser
+
+    from pretrain.slurm import add_slurm_args
+
+    parser = default_argument_parser()
+    parser.description = description
+    return add_slurm_args(parser)
+
+
+def launch_main(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str) -> Any:
+    """What every evaluator CLI does: check the config, then ``run(args)`` here, in ``--num-gpus`` local processes
+    (gloo CPU processes without GPUs), or as a SLURM job with ``--slurm`` (``--wait`` follows it)."""
+    from pretrain.distributed import launch
+
+    setup_cfg(args.config_file, args.opts)  # a bad config fails here, before any process or job starts
+    if args.slurm:
+        from pretrain.slurm import follow, submit
+
+        job = submit(run, args, name=name)
+        return follow(job) if args.wait else job
+    if args.num_gpus * args.num_machines <= 1:
+        return run(args)
+    launch(run, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
+    return None

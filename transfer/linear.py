@@ -1,0 +1,558 @@
+"""Linear evaluation of a frozen backbone (ImageNet, semi-supervised subsets, CIFAR): MoCo's ``main_lincls`` protocol.
+
+The backbone is loaded strictly, put in eval mode (BatchNorm running statistics are never updated) and never receives
+gradients; one ``nn.Linear`` on its pooled features (init N(0, 0.01), bias 0) is trained with SGD (momentum 0.9, no
+weight decay) under a multistep or cosine schedule, and top-1 / top-5 are measured on the validation split.
+
+Fast path (``SOLVER.CACHE_FEATURES``, only when ``DATA.TRAIN_AUGMENT`` is off, as in the CIFAR protocol): the frozen
+features of every training and validation image are extracted once, and the classifier trains on them in exactly the
+order of the uncached path (the same seeded sampler cut into the same batches), so both give the same classifier up
+to floating-point summation order.
+
+Runs are resumable (an atomic checkpoint of classifier, optimizer, scheduler, epoch and RNG after every epoch; a run
+always continues from the newest one in OUTPUT_DIR) and DDP-ready (each process takes its share of every batch; only
+the classifier is wrapped in DDP; metrics are summed across processes).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from pretrain import distributed as du
+from pretrain.backbones import build_backbone, get_spec
+from pretrain.checkpoint import Checkpointer
+from pretrain.data import ImageFolder, sample_seed
+
+from .config import CfgNode, save_cfg, setup_cfg
+
+logger = logging.getLogger("transfer")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen backbone
+
+
+def freeze(backbone: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm uses and keeps its running statistics) and no gradients, for good."""
+    backbone.eval()
+    backbone.requires_grad_(False)
+    return backbone
+
+
+def load_backbone(weights: str, arch: str = "", seed: int = 0) -> Tuple[nn.Module, dict]:
+    """A frozen backbone with ``weights`` loaded strictly (every backbone key must be in the checkpoint).
+
+    ``weights``: our export, an official MoCo-v1/v2 ``.pth.tar``, SwAV or DisCo-pytorch checkpoint (read by
+    :func:`pretrain.checkpoint.read_backbone`), or ``"random"`` for an untrained baseline of ``arch``.
+    ``arch`` "" takes the architecture the checkpoint names. Returns ``(backbone, info)`` with the arch, format and
+    the checkpoint entries deliberately not loaded (projection heads, MoCo queues, ...).
+    """
+    if not weights:
+        raise ValueError("MODEL.WEIGHTS is empty: point it at the backbone to evaluate (our export "
+                         "OUTPUT_DIR/export/<arch>.pth, a MoCo .pth.tar, SwAV or DisCo-pytorch checkpoint), or set "
+                         "MODEL.WEIGHTS random with MODEL.ARCH for an untrained baseline")
+    if weights == "random":
+        if not arch:
+            raise ValueError("MODEL.WEIGHTS random needs MODEL.ARCH (which architecture to initialise)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(arch)
+        return freeze(backbone), {"arch": arch, "format": "random", "weights": "random", "method": "",
+                                  "skipped": {}}
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
+    from pretrain.checkpoint import load_strict, read_backbone
+
+    ckpt = read_backbone(weights, arch=arch or None)
+    backbone = build_backbone(ckpt.arch)
+    load_strict(backbone, ckpt.state_dict, f"backbone {weights} ({ckpt.format} format, arch {ckpt.arch})")
+    info = {"arch": ckpt.arch, "format": ckpt.format, "weights": os.path.abspath(weights),
+            "method": str(ckpt.metadata.get("method") or ""),
+            "skipped": {k: str(v) for k, v in dict(ckpt.skipped).items()}}
+    if info["skipped"]:
+        logger.info("%s: %d checkpoint entries not part of the backbone were left out: %s", weights,
+                    len(info["skipped"]), sorted(info["skipped"])[:8])
+    return freeze(backbone), info
+
+
+def amp_dtype_of(name: str) -> Optional[torch.dtype]:
+    return {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@torch.no_grad()
+def backbone_features(backbone: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
+                      channels_last: bool = False) -> torch.Tensor:
+    """Pooled features (N x D, float32) of the frozen backbone."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = backbone(images)
+    return out.float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _interpolation(name: str) -> T.InterpolationMode:
+    return {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[name]
+
+
+def eval_transform(cfg: CfgNode):
+    """Resize the shorter side to DATA.VAL_RESIZE, centre-crop DATA.IMAGE_SIZE (ImageNet: 256 / 224; CIFAR:
+    224 / 224, i.e. 32 -> 224 bicubic)."""
+    d = cfg.DATA
+    return T.Compose([T.Resize(d.VAL_RESIZE, interpolation=_interpolation(d.INTERPOLATION)),
+                      T.CenterCrop(d.IMAGE_SIZE), T.ToTensor(), T.Normalize(d.MEAN, d.STD)])
+
+
+def train_transform(cfg: CfgNode):
+    """RandomResizedCrop + horizontal flip (MoCo's lincls), or the evaluation transform without augmentation."""
+    d = cfg.DATA
+    if not d.TRAIN_AUGMENT:
+        return eval_transform(cfg)
+    return T.Compose([T.RandomResizedCrop(d.IMAGE_SIZE, interpolation=_interpolation(d.INTERPOLATION)),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(d.MEAN, d.STD)])
+
+
+class TransformedDataset(Dataset):
+    """``(transform(base.load(i)), label)``. Keys are ``i`` or ``(epoch, i)``; with an epoch, the transform runs
+    under a torch RNG seeded from (seed, epoch, i), so augmentations do not depend on workers, processes or
+    resumption."""
+
+    def __init__(self, base, transform, seed: int = 0):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        img = self.base.load(index)
+        if epoch is None:
+            return self.transform(img), self.base.targets[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img), self.base.targets[index]
+
+
+class EpochSampler(Sampler):
+    """This process's share of one epoch as ``(epoch, index)`` keys.
+
+    The epoch's permutation depends only on (seed, epoch); it is padded by wrapping around to a multiple of the
+    number of processes (as ``DistributedSampler``), and process ``rank`` takes every ``world``-th entry, so all
+    processes run the same number of batches.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> List[int]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        order = order.tolist()
+        total = math.ceil(self.n / self.world) * self.world
+        order += order[:total - self.n]
+        return order[self.rank:total:self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self.indices()])
+
+
+def dataset_name(cfg: CfgNode) -> str:
+    d = cfg.DATA
+    if d.NAME:
+        return d.NAME
+    if d.DATASET != "imagefolder":
+        return d.DATASET
+    train = os.path.normpath(os.path.abspath(d.TRAIN_DIR))
+    # /datasets/imagenet/train -> imagenet; a folder not called train names itself
+    return os.path.basename(os.path.dirname(train)) if os.path.basename(train) == "train" else os.path.basename(train)
+
+
+def build_datasets(cfg: CfgNode) -> Tuple[object, object, str]:
+    """(training split, possibly a subset; evaluation split; description of the training subset or "") without
+    transforms; both offer ``load(i)``, ``targets`` and ``classes``."""
+    from .cifar import CIFAR
+    from .semi import SubsetView, balanced_subset_indices, read_subset_list, subset_indices_from_list
+
+    d = cfg.DATA
+    if d.DATASET == "imagefolder":
+        for key, path in (("DATA.TRAIN_DIR", d.TRAIN_DIR), ("DATA.VAL_DIR", d.VAL_DIR)):
+            if not path:
+                raise ValueError(f"{key} is empty: set it to an ImageFolder root (e.g. /datasets/imagenet/"
+                                 f"{'train' if 'TRAIN' in key else 'val'})")
+        train, val = ImageFolder(d.TRAIN_DIR), ImageFolder(d.VAL_DIR)
+        if val.classes != train.classes:
+            raise ValueError(f"{d.VAL_DIR} and {d.TRAIN_DIR} have different class folders ({len(val.classes)} vs "
+                             f"{len(train.classes)}); a linear classifier needs the same classes in both")
+    else:
+        train, val = CIFAR(d.ROOT, d.DATASET, train=True), CIFAR(d.ROOT, d.DATASET, train=False)
+    subset = ""
+    if d.SUBSET_FILE:
+        names = read_subset_list(d.SUBSET_FILE)
+        train = SubsetView(train, subset_indices_from_list(train.samples, names, d.SUBSET_FILE))
+        subset = os.path.basename(d.SUBSET_FILE)
+    elif d.SUBSET_PERCENT or d.SUBSET_PER_CLASS:
+        train = SubsetView(train, balanced_subset_indices(train.targets, d.SUBSET_PERCENT, d.SUBSET_PER_CLASS,
+                                                          cfg.SEED))
+        subset = f"{d.SUBSET_PERCENT:g}%" if d.SUBSET_PERCENT else f"{d.SUBSET_PER_CLASS} per class"
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"empty split: {len(train)} training and {len(val)} evaluation images")
+    return train, val, subset
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
+                     num_workers: int = 0, amp_dtype=None, channels_last: bool = False) -> torch.Tensor:
+    """Features (N x D float32, CPU) of every item of ``dataset`` (yielding ``(image, label)``), in dataset order.
+
+    With several processes each extracts an interleaved share and the shares are all-gathered, so every process
+    ends with all N rows.
+    """
+    rank, world, n = du.get_rank(), du.get_world_size(), len(dataset)
+    mine = list(range(rank, n, world))
+    per = math.ceil(n / world)
+    padded = mine + mine[:1] * (per - len(mine))  # equal lengths for all_gather; the padding is dropped below
+    loader = DataLoader(torch.utils.data.Subset(dataset, padded), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    feats = torch.cat([backbone_features(backbone, x.to(device, non_blocking=True), amp_dtype, channels_last).cpu()
+                       for x, _ in loader])
+    if world == 1:
+        return feats
+    out = torch.empty(n, feats.shape[1])
+    chunk = 8192  # gather in row chunks: bounded device memory for large datasets
+    for start in range(0, per, chunk):
+        part = du.concat_all_gather(feats[start:start + chunk].to(device)).cpu()  # world*rows x D, rank-major
+        rows = part.shape[0] // world
+        for r in range(world):
+            idx = torch.arange(r + start * world, min(n, r + (start + rows) * world), world)
+            out[idx] = part[r * rows:r * rows + len(idx)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def build_classifier(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """MoCo's lincls initialisation: weight ~ N(0, 0.01), bias 0; the same on every process (seeded)."""
+    clf = nn.Linear(feature_dim, num_classes)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clf.weight.copy_(torch.randn(clf.weight.shape, generator=g) * 0.01)
+        clf.bias.zero_()
+    return clf
+
+
+def lr_factor(cfg: CfgNode, epoch: int) -> float:
+    """Learning-rate multiplier of ``epoch`` (0-based): GAMMA ** (steps passed), or a per-epoch cosine."""
+    s = cfg.SOLVER
+    if s.SCHEDULER == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / s.EPOCHS))
+    return s.GAMMA ** sum(epoch >= step for step in s.STEPS)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[int, int]:
+    """(top-1 hits, top-5 hits); top-5 counts every sample when there are at most 5 classes."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+class LinearEvaluator:
+    """Train and evaluate a linear classifier on ``cfg.MODEL.WEIGHTS``' frozen features (see the module doc)."""
+
+    def __init__(self, cfg: CfgNode, require_checkpoint: bool = False):
+        self.cfg, self.require_checkpoint = cfg, require_checkpoint
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from pretrain.trainer import setup_logging
+
+        cfg = self.cfg
+        self.device = du.init_distributed()
+        self.rank, self.world = du.get_rank(), du.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % self.world:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+                             f"{self.world} processes")
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        setup_logging(cfg.OUTPUT_DIR, self.rank)
+        if self.rank == 0:
+            save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        self.t0 = time.perf_counter()
+        self.amp_dtype = amp_dtype_of(cfg.MODEL.AMP_DTYPE)
+        self.backbone, self.info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
+        self.backbone.to(self.device)
+        if cfg.MODEL.CHANNELS_LAST:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.arch = self.info["arch"]
+        self.feature_dim = get_spec(self.arch).feature_dim
+        train, val, self.subset = build_datasets(cfg)
+        self.train_set = TransformedDataset(train, train_transform(cfg), cfg.SEED)
+        self.val_set = TransformedDataset(val, eval_transform(cfg), cfg.SEED)
+        self.num_classes = len(train.classes)
+        self.local_batch = cfg.SOLVER.IMS_PER_BATCH // self.world
+        self.sampler = EpochSampler(len(train), self.rank, self.world, cfg.SEED)
+
+        self.classifier = build_classifier(self.feature_dim, self.num_classes, cfg.SEED).to(self.device)
+        self.classifier_ddp = (DistributedDataParallel(self.classifier, device_ids=[self.device.index]
+                                                       if self.device.type == "cuda" else None)
+                               if self.world > 1 else self.classifier)
+        s = cfg.SOLVER
+        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=s.BASE_LR, momentum=s.MOMENTUM,
+                                         weight_decay=s.WEIGHT_DECAY)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, s.MAX_TO_KEEP)
+        self.epoch = 0
+        self.cache: Optional[Dict[str, torch.Tensor]] = None  # split -> N x D frozen features (CACHE_FEATURES)
+        self.cache_seconds = 0.0
+        logger.info("linear evaluation of %s (%s, %s format) on %s%s: %d training / %d evaluation images, %d classes, "
+                    "%d processes x %d, %d epochs, lr %g (%s), %s", self.arch, self.info["weights"],
+                    self.info["format"], dataset_name(cfg), f" ({self.subset})" if self.subset else "", len(train),
+                    len(val), self.num_classes, self.world, self.local_batch, s.EPOCHS, s.BASE_LR, s.SCHEDULER,
+                    "cached features" if s.CACHE_FEATURES else "backbone run on every batch")
+
+    def _lr_factor(self, epoch: int) -> float:
+        return lr_factor(self.cfg, epoch)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "rng": torch.get_rng_state(),
+                "arch": self.arch, "weights": self.info["weights"], "num_classes": self.num_classes,
+                "feature_dim": self.feature_dim, "cfg": self.cfg.dump()}
+
+    def resume_or_start(self) -> None:
+        state, path = self.checkpointer.load_latest()
+        if state is None:
+            if self.require_checkpoint:
+                raise FileNotFoundError(f"no readable classifier checkpoint in {self.checkpointer.dir}; train one "
+                                        f"first (the same command without --eval-only / --resume)")
+            return
+        theirs = (state["arch"], state["num_classes"], state["feature_dim"])
+        if theirs != (self.arch, self.num_classes, self.feature_dim):
+            raise ValueError(f"{path} is a classifier for {theirs[0]} ({theirs[2]}-d features, {theirs[1]} classes), "
+                             f"not {self.arch} ({self.feature_dim}-d, {self.num_classes} classes); use another "
+                             f"OUTPUT_DIR")
+        if state["weights"] != self.info["weights"]:
+            logger.warning("%s was trained on the features of %s, now evaluating %s", path, state["weights"],
+                           self.info["weights"])
+        self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        torch.set_rng_state(state["rng"])
+        logger.info("resumed from %s after epoch %d", path, self.epoch)
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.jsonl")
+        if self.rank != 0 or not os.path.exists(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _build_cache(self, splits: Sequence[str]) -> None:
+        """Frozen features of every image of ``splits`` ("train", "val"), computed once; every process holds all
+        rows."""
+        t = time.perf_counter()
+        kw = dict(device=self.device, batch_size=self.cfg.TEST.IMS_PER_BATCH, num_workers=self.cfg.DATA.NUM_WORKERS,
+                  amp_dtype=self.amp_dtype, channels_last=self.cfg.MODEL.CHANNELS_LAST)
+        datasets = {"train": self.train_set, "val": self.val_set}
+        self.cache = dict(self.cache or {}, **{s: extract_features(self.backbone, datasets[s], **kw) for s in splits})
+        self.cache_seconds += time.perf_counter() - t
+        logger.info("cached the frozen features of %s in %.1f s", " and ".join(
+            f"{len(datasets[s])} {s} images" for s in splits), time.perf_counter() - t)
+
+    def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's (features, labels) batches: the sampler's order cut into batches of ``local_batch``, from
+        the cache or by running the backbone."""
+        if self.cache is not None:
+            idx = torch.tensor(self.sampler.indices())
+            labels = torch.as_tensor(self.train_set.base.targets)
+            for start in range(0, len(idx), self.local_batch):
+                b = idx[start:start + self.local_batch]
+                yield self.cache["train"][b].to(self.device), labels[b].to(self.device)
+            return
+        loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
+                            num_workers=self.cfg.DATA.NUM_WORKERS, pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            feats = backbone_features(self.backbone, images.to(self.device, non_blocking=True), self.amp_dtype,
+                                      self.cfg.MODEL.CHANNELS_LAST)
+            yield feats, labels.to(self.device)
+
+    def _reduce(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def train_epoch(self) -> Dict[str, float]:
+        self.sampler.set_epoch(self.epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum, hits, seen = 0.0, 0, 0
+        self.classifier_ddp.train()
+        for feats, labels in self._train_batches():
+            logits = self.classifier_ddp(feats)
+            loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            hits += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        self.scheduler.step()
+        self.epoch += 1
+        loss_sum, hits, seen = self._reduce([loss_sum, hits, seen])
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"non-finite loss in epoch {self.epoch}; lower SOLVER.BASE_LR (the classifier "
+                                     f"of the previous epoch is the last checkpoint)")
+        return {"epoch": self.epoch, "lr": lr, "loss": loss_sum / seen, "train_top1": 100.0 * hits / seen}
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Top-1 / top-5 (%) on the whole evaluation split (each process an interleaved share, no padding)."""
+        self.classifier.eval()
+        n = len(self.val_set)
+        mine = list(range(self.rank, n, self.world))
+        labels = torch.as_tensor(self.val_set.base.targets)
+        if self.cache is not None and "val" in self.cache:
+            idx = torch.tensor(mine, dtype=torch.long)
+            batches = ((self.cache["val"][idx[s:s + 4096]], labels[idx[s:s + 4096]]) for s in range(0, len(idx), 4096))
+        else:
+            loader = DataLoader(torch.utils.data.Subset(self.val_set, mine), batch_size=self.cfg.TEST.IMS_PER_BATCH,
+                                num_workers=self.cfg.DATA.NUM_WORKERS, pin_memory=self.device.type == "cuda")
+            batches = ((backbone_features(self.backbone, x.to(self.device), self.amp_dtype,
+                                          self.cfg.MODEL.CHANNELS_LAST), y) for x, y in loader)
+        top1 = top5 = seen = 0
+        for feats, y in batches:
+            h1, h5 = topk_correct(self.classifier(feats.to(self.device)), y.to(self.device))
+            top1, top5, seen = top1 + h1, top5 + h5, seen + len(y)
+        top1, top5, seen = self._reduce([top1, top5, seen])
+        self.classifier.train()
+        return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "images": int(seen)}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self) -> Optional[dict]:
+        """Train (continuing from OUTPUT_DIR's newest checkpoint), evaluate, write results.json. Returns the results,
+        or None when stopped early by SOLVER.STOP_AT_EPOCH."""
+        self.setup()
+        self.resume_or_start()
+        cfg = self.cfg
+        epochs = cfg.SOLVER.EPOCHS
+        stop = min(epochs, cfg.SOLVER.STOP_AT_EPOCH) if cfg.SOLVER.STOP_AT_EPOCH >= 0 else epochs
+        if cfg.SOLVER.CACHE_FEATURES and self.epoch < stop:
+            self._build_cache(("train", "val"))
+        metrics = open(os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl"), "a") if self.rank == 0 else None
+        try:
+            while self.epoch < stop:
+                t = time.perf_counter()
+                rec = self.train_epoch()
+                period = cfg.TEST.EVAL_PERIOD
+                if period > 0 and self.epoch % period == 0 and self.epoch < epochs:
+                    acc = self.evaluate()
+                    rec.update(val_top1=acc["top1"], val_top5=acc["top5"])
+                rec["seconds"] = round(time.perf_counter() - t, 3)
+                if self.rank == 0:
+                    if self.epoch % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or self.epoch == stop:
+                        self.checkpointer.save(self.state_dict(), self.epoch)
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                du.barrier()
+                logger.info("epoch %d/%d: lr %.4g loss %.4f train top-1 %.2f%s", self.epoch, epochs, rec["lr"],
+                            rec["loss"], rec["train_top1"], f" val top-1 {rec['val_top1']:.2f}" if "val_top1" in rec
+                            else "")
+        finally:
+            if metrics is not None:
+                metrics.close()
+        if self.epoch < epochs:
+            logger.info("stopped after epoch %d of %d (SOLVER.STOP_AT_EPOCH); run again to continue", self.epoch,
+                        epochs)
+            return None
+        return self.finish()
+
+    def eval_only(self) -> dict:
+        """``--eval-only``: evaluate the classifier saved in OUTPUT_DIR (required) and write results.json."""
+        self.require_checkpoint = True
+        self.setup()
+        self.resume_or_start()
+        return self.finish()
+
+    def finish(self) -> dict:
+        if self.cfg.SOLVER.CACHE_FEATURES and not (self.cache and "val" in self.cache):
+            self._build_cache(("val",))  # evaluate on the same cached features a cached run trains and tests on
+        acc = self.evaluate()
+        cfg = self.cfg
+        name = dataset_name(cfg)
+        results = {
+            "eval": "semi" if self.subset else "linear", "arch": self.arch, "weights": self.info["weights"],
+            "checkpoint_format": self.info["format"], "dataset": name, "subset": self.subset,
+            "num_classes": self.num_classes, "train_images": len(self.train_set), "val_images": acc["images"],
+            "epochs": self.epoch, "top1": round(acc["top1"], 3), "top5": round(acc["top5"], 3),
+            "lr": cfg.SOLVER.BASE_LR, "scheduler": cfg.SOLVER.SCHEDULER,
+            "steps": list(cfg.SOLVER.STEPS) if cfg.SOLVER.SCHEDULER == "multistep" else [],
+            "gamma": cfg.SOLVER.GAMMA, "cached_features": bool(cfg.SOLVER.CACHE_FEATURES),
+            "cache_seconds": round(self.cache_seconds, 3),
+            "seconds": round(time.perf_counter() - self.t0, 3), "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
+        }
+        if self.rank == 0:
+            with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+            print(summary_line(results), flush=True)
+        du.barrier()
+        return results
+
+
+def summary_line(r: dict) -> str:
+    """e.g. ``linear resnet18 cifar10: top-1 61.20 top-5 95.00 (100 epochs)``."""
+    data = f"{r['dataset']} ({r['subset']}, {r['train_images']} images)" if r["subset"] else r["dataset"]
+    return f"{r['eval']} {r['arch']} {data}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} ({r['epochs']} epochs)"
+
+
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """One process of ``tools/eval_linear.py`` (local, one of ``--num-gpus`` processes, or a SLURM task)."""
+    cfg = setup_cfg(args.config_file, args.opts)
+    evaluator = LinearEvaluator(cfg, require_checkpoint=args.resume)
+    return evaluator.eval_only() if args.eval_only else evaluator.run()
+
+
+def run_linear_probe(cfg: CfgNode) -> dict:
+    """In-process helper (demo, benchmark): a complete run of ``cfg``; raises if it stopped early."""
+    out = LinearEvaluator(cfg).run()
+    if out is None:
+        raise RuntimeError(f"linear evaluation in {cfg.OUTPUT_DIR} stopped before the last epoch")
+    return out
+
+
+def frozen_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (BN running statistics, counters), for bitwise comparisons."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_keys(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> List[str]:
+    """Names whose tensors differ bitwise between two :func:`frozen_state` copies (or exist in only one)."""
+    return sorted(k for k in set(before) | set(after)
+                  if k not in before or k not in after or not torch.equal(before[k], after[k]))

@@ -1,0 +1,93 @@
+"""Training curves of pretraining runs from their ``metrics.jsonl`` (what ``pretrain/trainer.py`` writes).
+
+Each line is one JSON object: training records ``{iter, epoch, lr, loss, loss_dis, loss_co, images_per_s,
+skipped_images}`` every ``TRAIN.LOG_PERIOD`` iterations, and kNN-monitor records ``{iter, epoch, knn_top1,
+knn_top5}``. A linear evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1]}``) plots too.
+"""
+import json
+import os
+from typing import Dict, List, Sequence
+
+# (panel title, y key, x key); a panel is drawn when some run has that key
+PANELS = (
+    ("total loss", "loss", "iter"),
+    ("distillation loss L_dis", "loss_dis", "iter"),
+    ("contrastive loss L_co", "loss_co", "iter"),
+    ("learning rate", "lr", "iter"),
+    ("kNN top-1 (%)", "knn_top1", "epoch"),
+    ("linear: train top-1 (%)", "train_top1", "epoch"),
+    ("linear: val top-1 (%)", "val_top1", "epoch"),
+)
+
+
+def read_metrics(path: str) -> List[dict]:
+    """The records of a ``metrics.jsonl`` (or of ``<run dir>/metrics.jsonl``), in file order; a truncated last line
+    (a run killed while writing) is ignored, any other bad line is an error naming it."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; give a run's OUTPUT_DIR or its metrics.jsonl")
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path} line {i + 1} is not JSON: {e}") from e
+    return records
+
+
+def plot_training_curves(runs: Dict[str, str], path: str) -> str:
+    """One figure, one panel per quantity present (losses, lr, kNN top-1, ...), one line per run.
+    ``runs``: label -> run dir or metrics.jsonl. ``x`` is the iteration for training records (the linear
+    evaluator's epoch when a run has no iterations) and the epoch for kNN records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {label: read_metrics(p) for label, p in runs.items()}
+    panels = []
+    for title, key, x in PANELS:
+        series = []
+        for label, recs in data.items():
+            pts = [(r.get(x, r.get("epoch")), r[key]) for r in recs if key in r and r.get(key) is not None]
+            if pts and not (key == "loss_dis" and all(y == 0 for _, y in pts)):  # a MoCo-only run distils nothing
+                series.append((label, pts))
+        if series:
+            panels.append((title, key, x, series))
+    if not panels:
+        raise ValueError(f"no plottable metric in {list(runs.values())} (expected keys like loss, lr, knn_top1)")
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, key, x, series) in zip(axes.flat, panels):
+        for label, pts in series:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x)
+        if key == "lr" and all(y > 0 for _, p in series for _, y in p):
+            ax.set_yscale("log")  # step schedules span decades
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def labels_for(paths: Sequence[str]) -> List[str]:
+    """Default curve labels: each run folder's name (the folder holding metrics.jsonl)."""
+    out = []
+    for p in paths:
+        d = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        out.append(os.path.basename(os.path.normpath(d)))
+    return out
