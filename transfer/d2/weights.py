@@ -1,0 +1,201 @@
+"""Load a converted ``.pkl`` into a detectron2 model and account for every key.
+
+A pretrained key (anything in the backbone or the C4 ROI stage ``roi_heads.res5``) that does not load is an error;
+keys the student never had (RPN, box predictor, mask head, FPN convs, the extra norm) are listed as new.
+"""
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from transfer.convert import Conversion
+
+# Default detection config per student: the VOC C4 24k leaf (relative to the repository root).
+DEFAULT_CONFIGS = {
+    "resnet18": "configs/detection/voc/r18_C4_24k.yaml",
+    "resnet34": "configs/detection/voc/r34_C4_24k.yaml",
+    "resnet50": "configs/detection/voc/r50_C4_24k.yaml",
+    "efficientnet_b0": "configs/detection/voc/effb0_C4_24k.yaml",
+    "efficientnet_b1": "configs/detection/voc/effb1_C4_24k.yaml",
+    "mobilenetv3_large_100": "configs/detection/voc/mobv3l_C4_24k.yaml",
+}
+# Pretrained parts of the model per layout; below them every key must come from the checkpoint.
+PRETRAINED_PREFIXES = {"C4": ("backbone.", "roi_heads.res5."), "FPN": ("backbone.bottom_up.",)}
+# New layers inside the pretrained parts: MoCo's extra norm after res5 (Res5ROIHeadsExtraNorm).
+NEW_INSIDE_PRETRAINED = ("roi_heads.res5.norm.",)
+_BN_COUNTER = "num_batches_tracked"
+
+
+def default_config(arch: str) -> str:
+    if arch not in DEFAULT_CONFIGS:
+        raise ValueError(f"no default detection config for {arch!r} (have: {', '.join(DEFAULT_CONFIGS)}); pass "
+                         f"--config-file, e.g. configs/detection/voc/r50_C4_24k.yaml with MODEL.RESNETS.DEPTH 101")
+    return DEFAULT_CONFIGS[arch]
+
+
+def layout_of(cfg) -> str:
+    """"FPN" when the backbone is an FPN, else "C4" (the last stage in the ROI head)."""
+    return "FPN" if "fpn" in cfg.MODEL.BACKBONE.NAME.lower() else "C4"
+
+
+def describe_model_cfg(cfg) -> str:
+    """What backbone the config builds, in words, for error messages."""
+    if "timm" in cfg.MODEL.BACKBONE.NAME:
+        return f"timm {cfg.MODEL.TIMM.ARCH} ({layout_of(cfg)})"
+    return f"ResNet-{cfg.MODEL.RESNETS.DEPTH} ({layout_of(cfg)}, ROI heads {cfg.MODEL.ROI_HEADS.NAME})"
+
+
+@dataclass
+class LoadReport:
+    """Per key: ``loaded`` (model keys filled from the checkpoint), ``new`` (model keys the checkpoint does not have
+    and need not: key -> what it is), ``ignored`` (harmless checkpoint keys the model lacks), ``skipped`` (input keys
+    the converter left out, with why) and ``errors`` (key -> problem)."""
+
+    loaded: List[str] = field(default_factory=list)
+    new: Dict[str, str] = field(default_factory=dict)
+    ignored: Dict[str, str] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    errors: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def lines(self) -> List[str]:
+        out = [f"loaded      {k}" for k in self.loaded]
+        out += [f"new         {k}  ({why})" for k, why in self.new.items()]
+        out += [f"ignored     {k}  ({why})" for k, why in self.ignored.items()]
+        out += [f"skipped     {k}  ({why})" for k, why in self.skipped.items()]
+        out += [f"ERROR       {k}  ({why})" for k, why in self.errors.items()]
+        return out
+
+    def summary(self) -> str:
+        return (f"{len(self.loaded)} loaded, {len(self.new)} new (not pretrained), {len(self.ignored)} ignored, "
+                f"{len(self.skipped)} skipped by the converter, {len(self.errors)} errors")
+
+
+def _new_layer(key: str) -> str:
+    part = key.split(".")[:2]
+    if key.startswith(NEW_INSIDE_PRETRAINED):
+        return "extra norm after res5, new in the detector"
+    return f"{'.'.join(part)}: detector layer, initialised by detectron2"
+
+
+def check_pretrained_load(model: nn.Module, path: str, layout: str,
+                          skipped: Optional[Dict[str, str]] = None) -> LoadReport:
+    """Load ``path`` (a converted ``.pkl``) into ``model`` with detectron2's ``DetectionCheckpointer`` and report.
+
+    Checked before loading: every model key under the pretrained prefixes of ``layout`` is in the checkpoint with
+    the same shape, every checkpoint key exists in the model. Checked after: each loaded tensor equals the
+    checkpoint's, i.e. detectron2 loaded it under exactly that name.
+    """
+    if layout not in PRETRAINED_PREFIXES:
+        raise ValueError(f"layout {layout!r}: expected one of {tuple(PRETRAINED_PREFIXES)}")
+    with open(path, "rb") as f:
+        ckpt = pickle.load(f, encoding="latin1")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "__author__" not in ckpt:
+        raise ValueError(f"{path} is not a converted detectron2 checkpoint (no 'model' / '__author__')")
+    weights = {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
+    report = LoadReport(skipped=dict(skipped or {}))
+    own = model.state_dict()
+    for k, v in own.items():
+        pretrained = k.startswith(PRETRAINED_PREFIXES[layout]) and not k.startswith(NEW_INSIDE_PRETRAINED)
+        if k in weights:
+            if tuple(weights[k].shape) != tuple(v.shape):
+                report.errors[k] = f"shape mismatch: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        elif pretrained and not k.endswith(_BN_COUNTER):
+            report.errors[k] = "missing from the checkpoint: this pretrained layer would stay random"
+        else:
+            report.new[k] = ("BatchNorm step counter, starts at 0" if k.endswith(_BN_COUNTER) else _new_layer(k))
+    for k in weights:
+        if k not in own:
+            if k.endswith(_BN_COUNTER):
+                report.ignored[k] = "BatchNorm step counter; this norm (FrozenBN) has none"
+            else:
+                report.errors[k] = "unexpected: the model has no such key"
+    if report.errors:
+        return report
+    DetectionCheckpointer(model).load(path)
+    after = model.state_dict()
+    for k, w in weights.items():
+        if k not in after:
+            continue
+        if torch.equal(after[k].cpu(), w.to(after[k].dtype)):
+            report.loaded.append(k)
+        else:
+            report.errors[k] = "detectron2 did not load this tensor (value differs after loading)"
+    return report
+
+
+def load_error_message(report: LoadReport, arch: str, cfg_desc: str, config_file: str) -> str:
+    """Name the keys and the likely cause of a failed load."""
+    keys = list(report.errors.items())
+    shown = "\n".join(f"  {k}: {why}" for k, why in keys[:30])
+    more = f"\n  ... and {len(keys) - 30} more" if len(keys) > 30 else ""
+    return (f"{len(keys)} pretrained weight(s) do not load:\n{shown}{more}\nThe checkpoint's architecture is "
+            f"{arch}; the config {os.path.relpath(config_file)} builds {cfg_desc}. Likely cause: a wrong --arch or "
+            f"--config-file (or config overrides such as MODEL.RESNETS.DEPTH / MODEL.TIMM.ARCH that do not match the "
+            f"checkpoint).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Convert + verify (tools/convert_to_d2.py)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class LoadError(RuntimeError):
+    """Pretrained weights that do not load; ``report`` has all of them."""
+
+    def __init__(self, message: str, report: LoadReport):
+        super().__init__(message)
+        self.report = report
+
+
+def build_check_cfg(arch: str, config_file: Optional[str] = None, opts: Sequence[str] = ()):
+    """The config the converted weights are checked against: ``config_file`` (default: per arch) + ``opts``."""
+    from .config import get_cfg
+
+    config_file = config_file or os.path.join(REPO_ROOT, default_config(arch))
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    cfg = get_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"  # the check builds the model on the CPU, whatever the config trains on
+    cfg.MODEL.WEIGHTS = ""
+    return cfg, config_file
+
+
+def convert_to_d2(src: str, out: str, arch: Optional[str] = None, config_file: Optional[str] = None,
+                  opts: Sequence[str] = (), force: bool = False) -> Tuple[LoadReport, Conversion, str]:
+    """Convert ``src`` to ``out`` (.pkl) for the model of ``config_file``, verifying that every pretrained weight
+    loads; ``out`` is only written (atomically) when they all do. -> (report, conversion, config file used)."""
+    from detectron2.modeling import build_model
+
+    from transfer.convert import convert_read, read_checkpoint, save_d2_checkpoint
+
+    if not out.endswith(".pkl"):
+        raise ValueError(f"output {out!r} must end in .pkl (how detectron2 recognises a converted checkpoint)")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    ckpt = read_checkpoint(src, arch)
+    cfg, config_file = build_check_cfg(ckpt.arch, config_file, opts)
+    layout = layout_of(cfg)
+    conv = convert_read(ckpt, layout, src)
+    tmp = f"{out[:-len('.pkl')]}.partial-{os.getpid()}.pkl"
+    try:
+        save_d2_checkpoint(conv, tmp)
+        model = build_model(cfg)
+        report = check_pretrained_load(model, tmp, layout, conv.skipped)
+        if not report.ok:
+            raise LoadError(load_error_message(report, ckpt.arch, describe_model_cfg(cfg), config_file), report)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return report, conv, config_file
