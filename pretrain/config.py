@@ -149,7 +149,12 @@ def get_cfg() -> CfgNode:
 
 def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
     """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze."""
-    cfg = get_cfg()
+    return merge_and_freeze(get_cfg(), config_file, opts, validate_cfg)
+
+
+def merge_and_freeze(cfg: CfgNode, config_file: str, opts, validate) -> CfgNode:
+    """The one config path of every CLI: merge ``config_file`` and the ``KEY VALUE`` ``opts`` into ``cfg``,
+    ``validate(cfg)``, freeze."""
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file!r} does not exist")
@@ -157,10 +162,25 @@ def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
-        cfg.merge_from_list(list(opts))
-    validate_cfg(cfg)
+        cfg.merge_from_list(ints_as_floats(cfg, list(opts)))
+    validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def ints_as_floats(cfg: CfgNode, opts: list) -> list:
+    """``SOLVER.BASE_LR 3`` on the command line means 3.0: yacs would refuse an int for a float key."""
+    out = list(opts)
+    for i in range(0, len(out), 2):
+        node = cfg
+        for part in str(out[i]).split("."):
+            node = node.get(part) if isinstance(node, _FvcoreCfgNode) else None
+        if isinstance(node, float) and isinstance(out[i + 1], str):
+            try:
+                out[i + 1] = repr(float(int(out[i + 1])))
+            except ValueError:
+                pass
+    return out
 
 
 def validate_cfg(cfg: CfgNode) -> None:

@@ -5,6 +5,7 @@ submits ``run`` as a SLURM job (``pretrain.slurm``) whose tasks export their dis
 """
 import argparse
 import logging
+from typing import Any, Callable
 
 from .config import setup_cfg
 from .distributed import launch
@@ -34,22 +35,32 @@ def run(args: argparse.Namespace):
     return trainer.evaluate() if args.eval_only else trainer.run()
 
 
-def _run_until_signal(args: argparse.Namespace):
+def _run_until_signal(run_fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace):
     try:
-        return run(args)
+        return run_fn(args)
     except Preempted as e:  # a local run: the checkpoint is written; rerunning the command continues
         logger.info("%s", e)
         return None
 
 
-def main(args: argparse.Namespace):
-    """What tools/pretrain.py does: submit to SLURM with ``--slurm``, else run here."""
-    setup_cfg(args.config_file, args.opts)  # fail on a bad config before starting anything
+def launch_main(run_fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str,
+                check_config: Callable[[argparse.Namespace], Any]):
+    """What every CLI of the project does with its parsed arguments: ``check_config(args)`` (a bad config fails
+    here, before any process or job starts), then ``run_fn(args)`` here, in ``--num-gpus`` local processes (gloo
+    CPU processes without GPUs), or as a SLURM job named ``name`` with ``--slurm`` (``--wait`` follows it)."""
+    check_config(args)
     if args.slurm:
         from .slurm import follow, submit
 
-        job = submit(run, args, name="pretrain")
+        job = submit(run_fn, args, name=name)
         return follow(job) if args.wait else job
     if args.num_gpus * args.num_machines <= 1:
-        return _run_until_signal(args)
-    launch(_run_until_signal, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
+        return _run_until_signal(run_fn, args)
+    launch(_run_until_signal, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
+           args=(run_fn, args))
+    return None
+
+
+def main(args: argparse.Namespace):
+    """What tools/pretrain.py does: submit to SLURM with ``--slurm``, else run here."""
+    return launch_main(run, args, "pretrain", lambda a: setup_cfg(a.config_file, a.opts))

@@ -7,6 +7,15 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, 2 OpenMP threads run tiny models many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory):
     """A small synthetic ImageNet-layout dataset (4 classes, 16 train + 4 val images each, 32 px)."""

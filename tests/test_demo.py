@@ -30,6 +30,9 @@ def test_demo_runs_end_to_end(tmp_path):
         assert meta["arch"] == r["arch"] and os.path.isfile(r["head"])
     for png in (res["tsne_png"], res["curves_png"]):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert res["student DisCo"]["arch"] == res["student MoCo-v2"]["arch"]
+    assert res["student DisCo"]["arch"] == res["student MoCo-v2"]["arch"] == res["student random init"]["arch"]
+    rand = res["student random init"]
+    assert rand["epochs"] == 0 and 0 <= rand["knn_top1"] <= 100 and 0 <= rand["linear_top1"] <= 100
+    assert "student random init" in proc.stdout
     teacher_export = res["teacher (MoCo-v2)"]["export"]
     assert load_exported_backbone(res["student DisCo"]["export"])[1]["teacher"]["weights"] == teacher_export

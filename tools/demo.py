@@ -28,6 +28,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
 
 import torch  # noqa: E402
 
+from pretrain.backbones import build_backbone  # noqa: E402
 from pretrain.checkpoint import load_exported_backbone  # noqa: E402
 from pretrain.config import setup_cfg  # noqa: E402
 from pretrain.synthetic import write_imagefolder  # noqa: E402
@@ -131,15 +132,25 @@ def main():
                          "epochs": meta["epoch"], "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2),
                          "train_minutes": round(res["minutes"], 2), "export": res["export"], "head": res["head"],
                          "output_dir": cfg.OUTPUT_DIR}
+    # The floor both students must beat: the same student architecture, untrained (a random CNN's features are
+    # far above chance on these shapes, so the learned rows mean little without it).
+    random_name, student_arch = "student random init", disco_cfg.MODEL.STUDENT.ARCH
+    torch.manual_seed(0)
+    backbone = build_backbone(student_arch)
+    acc = knn_evaluate(backbone, loaders, torch.device("cpu"), disco_cfg.TEST.KNN.K, disco_cfg.TEST.KNN.TEMPERATURE)
+    results[random_name] = {"arch": student_arch, "method": "none", "epochs": 0,
+                            "params_m": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 2),
+                            "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2)}
 
     print("[demo] 4/4 linear probes (cached features), t-SNE figure, training curves", flush=True)
     eval_data = ["DATA.NAME", "demo", "DATA.TRAIN_DIR", os.path.join(data, "train"), "DATA.VAL_DIR",
                  os.path.join(data, "val"), "DATA.IMAGE_SIZE", str(args.image_size), "DATA.VAL_RESIZE",
                  str(args.image_size)]
-    for name, cfg, res in rows:
+    probes = [(name, os.path.basename(cfg.OUTPUT_DIR), ["MODEL.WEIGHTS", res["export"]]) for name, cfg, res in rows]
+    probes.append((random_name, "random_init", ["MODEL.WEIGHTS", "random", "MODEL.ARCH", student_arch]))
+    for name, folder, weights in probes:
         probe = run_linear_probe(setup_eval_cfg(os.path.join(EVAL_CONFIGS, "quick_linear.yaml"), [
-            "OUTPUT_DIR", os.path.join(out, "linear", os.path.basename(cfg.OUTPUT_DIR)), "MODEL.WEIGHTS",
-            res["export"], *eval_data]))
+            "OUTPUT_DIR", os.path.join(out, "linear", folder), *weights, *eval_data]))
         results[name].update(linear_top1=round(probe["top1"], 2), linear_top5=round(probe["top5"], 2),
                              linear_output_dir=probe["output_dir"])
     tsne = run_tsne(setup_eval_cfg("", [
@@ -155,7 +166,7 @@ def main():
 
     print(f"\n{'model':20s} {'arch':14s} {'params':>7s} {'epochs':>6s} {'kNN top-1':>10s} {'kNN top-5':>10s} "
           f"{'linear top-1':>13s} {'linear top-5':>13s}")
-    for name, _, _ in rows:
+    for name in [row[0] for row in rows] + [random_name]:
         r = results[name]
         print(f"{name:20s} {r['arch']:14s} {r['params_m']:6.2f}M {r['epochs']:6d} {r['knn_top1']:10.2f} "
               f"{r['knn_top5']:10.2f} {r['linear_top1']:13.2f} {r['linear_top5']:13.2f}")

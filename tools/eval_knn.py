@@ -15,8 +15,9 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from transfer.config import argument_parser, launch_main  # noqa: E402
+from pretrain.launch import argument_parser, launch_main  # noqa: E402
+from transfer.config import setup_cfg  # noqa: E402
 from transfer.knn import run  # noqa: E402
 
 if __name__ == "__main__":
-    launch_main(run, argument_parser(__doc__).parse_args(), name="eval_knn")
+    launch_main(run, argument_parser(__doc__).parse_args(), "eval_knn", lambda a: setup_cfg(a.config_file, a.opts))

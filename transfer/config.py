@@ -6,18 +6,7 @@ config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. 
 ``default_argument_parser`` plus the SLURM flags of :mod:`pretrain.slurm`, launched the way ``pretrain/launch.py``
 does (local, ``--num-gpus N`` processes, or ``--slurm``).
 """
-import argparse
-import os
-from typing import Any, Callable
-
-from fvcore.common.config import CfgNode as _FvcoreCfgNode
-
-from pretrain.config import StrictYamlMixin
-
-
-class CfgNode(StrictYamlMixin, _FvcoreCfgNode):
-    pass
-
+from pretrain.config import CfgNode, merge_and_freeze
 
 CN = CfgNode
 _C = CN()
@@ -115,69 +104,4 @@ def validate_cfg(cfg: CfgNode) -> None:
 
 def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
     """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze."""
-    cfg = get_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        cfg.merge_from_file(config_file)
-    if opts:
-        if len(opts) % 2:
-            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
-        cfg.merge_from_list(_ints_as_floats(cfg, list(opts)))
-    validate_cfg(cfg)
-    cfg.freeze()
-    return cfg
-
-
-def _ints_as_floats(cfg: CfgNode, opts: list) -> list:
-    """``SOLVER.BASE_LR 3`` on the command line means 3.0: yacs would refuse an int for a float key."""
-    out = list(opts)
-    for i in range(0, len(out), 2):
-        node = cfg
-        for part in str(out[i]).split("."):
-            node = node.get(part) if isinstance(node, _FvcoreCfgNode) else None
-        if isinstance(node, float) and isinstance(out[i + 1], str):
-            try:
-                out[i + 1] = repr(float(int(out[i + 1])))
-            except ValueError:
-                pass
-    return out
-
-
-def save_cfg(cfg: CfgNode, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(cfg.dump())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def argument_parser(description: str) -> argparse.ArgumentParser:
-    """detectron2's ``default_argument_parser`` (--config-file, --resume, --eval-only, --num-gpus, --num-machines,
-    --machine-rank, --dist-url, trailing KEY VALUE opts) plus the SLURM flags of :mod:`pretrain.slurm`."""
-    from detectron2.engine import default_argument_parser
-
-    from pretrain.slurm import add_slurm_args
-
-    parser = default_argument_parser()
-    parser.description = description
-    return add_slurm_args(parser)
-
-
-def launch_main(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str) -> Any:
-    """What every evaluator CLI does: check the config, then ``run(args)`` here, in ``--num-gpus`` local processes
-    (gloo CPU processes without GPUs), or as a SLURM job with ``--slurm`` (``--wait`` follows it)."""
-    from pretrain.distributed import launch
-
-    setup_cfg(args.config_file, args.opts)  # a bad config fails here, before any process or job starts
-    if args.slurm:
-        from pretrain.slurm import follow, submit
-
-        job = submit(run, args, name=name)
-        return follow(job) if args.wait else job
-    if args.num_gpus * args.num_machines <= 1:
-        return run(args)
-    launch(run, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
-    return None
+    return merge_and_freeze(get_cfg(), config_file, opts, validate_cfg)

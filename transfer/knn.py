@@ -102,23 +102,18 @@ def run(args) -> Dict:
     import time
 
     from pretrain import distributed as du
-    from pretrain.trainer import setup_logging
 
-    from .config import save_cfg, setup_cfg
+    from .config import setup_cfg
     from .linear import (TransformedDataset, amp_dtype_of, build_datasets, dataset_name, eval_transform,
-                         extract_features, load_backbone)
+                         extract_features, load_backbone, start_run)
     from .semi import SubsetView
 
     cfg = setup_cfg(args.config_file, args.opts)
     if args.eval_only or args.resume:
         raise ValueError("kNN evaluation trains nothing: --eval-only / --resume do not apply")
     t0 = time.perf_counter()
-    device = du.init_distributed()
+    device = start_run(cfg)
     rank = du.get_rank()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    setup_logging(cfg.OUTPUT_DIR, rank)
-    if rank == 0:
-        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     backbone, info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
     backbone.to(device)
     train, val, subset = build_datasets(cfg)

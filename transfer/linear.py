@@ -34,7 +34,9 @@ from pretrain.backbones import build_backbone, get_spec
 from pretrain.checkpoint import Checkpointer
 from pretrain.data import ImageFolder, sample_seed
 
-from .config import CfgNode, save_cfg, setup_cfg
+from pretrain.config import save_cfg
+
+from .config import CfgNode, setup_cfg
 
 logger = logging.getLogger("transfer")
 
@@ -254,6 +256,19 @@ def extract_features(backbone: nn.Module, dataset: Dataset, device: torch.device
 # Training and evaluation
 
 
+def start_run(cfg: CfgNode) -> torch.device:
+    """What every evaluator process does first: join the process group (if any), create OUTPUT_DIR, log to it, and
+    write the resolved config there (rank 0). Returns this process's device."""
+    from pretrain.trainer import setup_logging
+
+    device = du.init_distributed()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logging(cfg.OUTPUT_DIR, du.get_rank())
+    if du.is_main_process():
+        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    return device
+
+
 def build_classifier(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
     """MoCo's lincls initialisation: weight ~ N(0, 0.01), bias 0; the same on every process (seeded)."""
     clf = nn.Linear(feature_dim, num_classes)
@@ -287,18 +302,12 @@ class LinearEvaluator:
 
     # ------------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from pretrain.trainer import setup_logging
-
         cfg = self.cfg
-        self.device = du.init_distributed()
+        self.device = start_run(cfg)
         self.rank, self.world = du.get_rank(), du.get_world_size()
         if cfg.SOLVER.IMS_PER_BATCH % self.world:
             raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
                              f"{self.world} processes")
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        setup_logging(cfg.OUTPUT_DIR, self.rank)
-        if self.rank == 0:
-            save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
         self.t0 = time.perf_counter()
         self.amp_dtype = amp_dtype_of(cfg.MODEL.AMP_DTYPE)
         self.backbone, self.info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)

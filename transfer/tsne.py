@@ -97,20 +97,14 @@ def run_tsne(cfg) -> dict:
     import time
 
     from pretrain import distributed as du
-    from pretrain.trainer import setup_logging
 
-    from .config import save_cfg
     from .linear import (TransformedDataset, amp_dtype_of, build_datasets, dataset_name, eval_transform,
-                         extract_features, load_backbone)
+                         extract_features, load_backbone, start_run)
     from .semi import SubsetView
 
-    device = du.init_distributed()
-    rank = du.get_rank()
     t0 = time.perf_counter()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    setup_logging(cfg.OUTPUT_DIR, rank)
-    if rank == 0:
-        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    device = start_run(cfg)
+    rank = du.get_rank()
     _, val, _ = build_datasets(cfg)
     idx, classes = select_tsne_indices(val.targets, cfg.TSNE.NUM_CLASSES, cfg.TSNE.PER_CLASS, cfg.SEED)
     data = TransformedDataset(SubsetView(val, idx), eval_transform(cfg))

@@ -24,12 +24,10 @@ from detectron2.utils import comm
 
 import transfer.d2  # noqa: F401  (registers our ROI heads and backbones)
 from pretrain import distributed as du
+from pretrain.launch import launch_main
 from pretrain.trainer import Preempted
 from transfer.d2.config import get_cfg
 from transfer.d2.datasets import check_datasets, register_synthetic
-
-logger = logging.getLogger("transfer.d2")
-
 
 class PreemptionHook(HookBase):
     """SIGTERM / SIGUSR2 (what SLURM sends before preempting or at the time limit): checkpoint the iteration that
@@ -66,7 +64,8 @@ class PreemptionHook(HookBase):
             self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
         comm.synchronize()
         raise Preempted(f"stopped on request after iteration {it}; checkpoint model_{it:07d}.pth in "
-                        f"{self.trainer.cfg.OUTPUT_DIR}")
+                        f"{self.trainer.cfg.OUTPUT_DIR}; rerun the command with --resume to continue (a SLURM job "
+                        f"requeues itself)")
 
 
 class Trainer(DefaultTrainer):
@@ -145,29 +144,20 @@ def run(args: argparse.Namespace):
     return _finish(cfg, getattr(trainer, "_last_eval_results", None))
 
 
-def _run_until_signal(args: argparse.Namespace):
-    try:
-        return run(args)
-    except Preempted as e:  # a local run: the checkpoint is written; rerun with --resume to continue
-        logger.warning("%s; rerun with --resume to continue", e)
-        return None
+def load_cfg(args: argparse.Namespace):
+    """The merged config, without side effects (no datasets, no output folder): a bad config fails early."""
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg
 
 
 def main(args: argparse.Namespace):
     """What tools/train_net.py does: submit to SLURM with ``--slurm``, else run here (``--num-gpus`` processes)."""
-    cfg = get_cfg()  # fail on a bad config before starting or submitting anything
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     if args.slurm:
-        from pretrain.slurm import follow, submit
-
         args.resume = True  # a requeued job must continue from its own last checkpoint
-        job = submit(run, args, name="train_net")
-        return follow(job) if args.wait else job
-    if args.num_gpus * args.num_machines <= 1:
-        return _run_until_signal(args)
-    if not torch.cuda.is_available():
+    elif args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
         # detectron2's DefaultTrainer wraps the model in DDP with device_ids=[local rank], which only GPUs accept
         raise ValueError(f"--num-gpus {args.num_gpus} needs CUDA devices; on the CPU run one process (--num-gpus 1)")
-    du.launch(_run_until_signal, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
+    return launch_main(run, args, "train_net", load_cfg)
