@@ -67,6 +67,18 @@ def test_coco_mask_instant_trains_and_evaluates(det_root, tmp_path):
         assert ap == ap and 0.0 <= ap <= 100.0  # a real number from pycocotools (NaN would mean nothing matched)
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in QUICK.glob("*_instant_test.yaml")
+                                           if p.name not in ("voc_r18_C4_instant_test.yaml",
+                                                             "coco_r18_mask_C4_instant_test.yaml")))
+def test_other_instant_configs_train_and_evaluate(det_root, tmp_path, config):
+    """The timm students' instant tests (EfficientNet / MobileNetV3 backbones with their last stage as ROI head)."""
+    out = tmp_path / "run"
+    _train_net("--config-file", QUICK / config, "DATASETS.SYNTHETIC_ROOT", det_root, "OUTPUT_DIR", out, *FAST)
+    (dataset, res), = _results(out).items()
+    assert dataset == ("shapes_coco_val" if config.startswith("coco") else "shapes_voc_2007_test")
+    assert {"bbox", "segm"} <= set(res) if config.startswith("coco") else "bbox" in res
+
+
 def test_dataset_errors_name_the_fix(det_root, tmp_path):
     proc = _train_net("--config-file", QUICK / "voc_r18_C4_instant_test.yaml", "DATASETS.SYNTHETIC_ROOT",
                       tmp_path / "nothing", "OUTPUT_DIR", tmp_path / "x", check=False)

@@ -169,3 +169,36 @@ def test_job_killed_hard_is_reported_not_waited_on(tmp_path, data, teacher_expor
     assert f"SLURM job {job} ended in state" in stderr
     assert _iters(out) < 400  # it really stopped; nothing restarted it behind our back
     print(f"\nkilled job reported after {time.time() - t_kill:.1f} s")
+
+
+def _slurm_flags(tmp):
+    return ["--slurm", "--wait", "--cpus-per-task", "1", "--mem", "4", "--timeout", "10", "--job-dir",
+            str(tmp / "jobs" / "%j")]
+
+
+def test_evaluator_and_train_net_run_on_slurm(tmp_path, imagefolder):
+    """The other CLIs take the same --slurm route (pretrain.launch.launch_main): a kNN evaluation and a detectron2
+    evaluation, each as a SLURM job whose rank-0 log --wait streams back."""
+    from pretrain.synthetic import write_voc
+
+    out = tmp_path / "knn"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "eval_knn.py"), *_slurm_flags(tmp_path), "--config-file",
+         os.path.join(ROOT, "configs", "eval", "knn_imagenet.yaml"), "MODEL.WEIGHTS", "random", "MODEL.ARCH",
+         "convnet_tiny", "DATA.TRAIN_DIR", str(imagefolder / "train"), "DATA.VAL_DIR", str(imagefolder / "val"),
+         "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "32", "DATA.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "submitted job" in proc.stdout and "knn convnet_tiny" in proc.stdout  # the job's summary line, streamed
+    assert json.loads((out / "results.json").read_text())["eval"] == "knn"
+
+    data = tmp_path / "datasets"
+    write_voc(data / "VOC2007", num_classes=4, trainval_images=4, test_images=4, image_size=64)
+    out = tmp_path / "det"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), *_slurm_flags(tmp_path), "--eval-only",
+         "--config-file", os.path.join(ROOT, "configs", "detection", "quick_schedules", "voc_r18_C4_instant_test.yaml"),
+         "DATASETS.SYNTHETIC_ROOT", str(data), "OUTPUT_DIR", str(out)],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shapes_voc_2007_test" in json.loads((out / "results.json").read_text())
