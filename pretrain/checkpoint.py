@@ -5,11 +5,11 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .backbones import build_backbone, get_spec
+from .backbones import BACKBONES, build_backbone, get_spec
 from .heads import build_head, infer_head_spec
 from .model import Encoder
 
@@ -19,13 +19,14 @@ EXPORT_FORMAT = "disco-transfer/v1"
 _CKPT_RE = re.compile(r"model_(\d+)\.pth$")
 
 
-def save_atomic(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that ``path`` is never a partial file: temp file in the same folder + rename."""
+def save_atomic(obj, path: str, dump: Callable = torch.save) -> None:
+    """Write ``obj`` to ``path`` so that ``path`` is never a partial file: temp file in the same folder + rename.
+    ``dump(obj, file)`` serialises (``torch.save``; ``pickle.dump`` for detectron2's ``.pkl``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -211,18 +212,17 @@ def _parse_checkpoint(ckpt, path: str) -> Tuple[str, Optional[str], Dict[str, to
 
 
 @functools.lru_cache(maxsize=None)
-def _arch_signature(arch: str) -> Dict[str, Tuple[int, ...]]:
+def arch_signature(arch: str) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of ``build_backbone(arch)``'s state dict."""
     with torch.device("meta"):  # shapes only: no memory, milliseconds even for R-152
         return {k: tuple(v.shape) for k, v in build_backbone(arch).state_dict().items()}
 
 
 def infer_arch(state_dict: Dict[str, torch.Tensor]) -> str:
     """The registry architecture whose keys and shapes are exactly those of ``state_dict``."""
-    from .backbones import BACKBONES
-
     have = {k: tuple(v.shape) for k, v in state_dict.items()}
     for arch in BACKBONES:
-        if _arch_signature(arch) == have:
+        if arch_signature(arch) == have:
             return arch
     raise ValueError(f"no registered architecture ({', '.join(BACKBONES)}) has exactly these {len(have)} backbone "
                      f"keys and shapes; pass the architecture explicitly")
@@ -238,23 +238,25 @@ def read_backbone(path: str, arch: Optional[str] = None) -> BackboneCheckpoint:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     fmt, found_arch, backbone, head, skipped, meta = _parse_checkpoint(ckpt, path)
     if arch is None:
-        arch = found_arch if found_arch in _known_archs() else infer_arch(backbone)
+        arch = found_arch if found_arch in BACKBONES else infer_arch(backbone)
     return BackboneCheckpoint(arch, backbone, head, fmt, skipped, meta)
 
 
-def _known_archs():
-    from .backbones import BACKBONES
-
-    return BACKBONES
+def key_mismatch(expected: Dict[str, Tuple[int, ...]], state_dict: Dict[str, torch.Tensor]
+                 ) -> Tuple[List[str], List[str], List[str]]:
+    """(missing keys, unexpected keys, "key: checkpoint (shape) vs model (shape)" lines) of ``state_dict`` against
+    the key -> shape map ``expected``; all empty when they match exactly."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(state_dict) if tuple(expected[k]) != tuple(state_dict[k].shape))
+    return missing, unexpected, shape
 
 
 def load_strict(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that fails with the full lists of missing / unexpected / mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    missing, unexpected, shape = key_mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                                              state_dict)
     if missing or unexpected or shape:
         raise KeyError(f"{what} does not match the model.\n  missing keys ({len(missing)}): {missing}\n  unexpected "
                        f"keys ({len(unexpected)}): {unexpected}\n  shape mismatches ({len(shape)}): {shape}\nCheck "

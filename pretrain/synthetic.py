@@ -241,9 +241,14 @@ class Object:
 
     @property
     def area(self) -> float:
-        """Polygon area in pixels^2 (shoelace), e.g. COCO's ``area`` before occlusion."""
-        x, y = self.polygon[:, 0], self.polygon[:, 1]
-        return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+        """Polygon area in pixels^2, e.g. COCO's ``area`` before occlusion."""
+        return polygon_area(self.polygon)
+
+
+def polygon_area(polygon: np.ndarray) -> float:
+    """Area of a simple polygon given as (N, 2) vertices (shoelace formula)."""
+    x, y = polygon[:, 0], polygon[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
 
 
 def _as_wh(size: Size) -> Tuple[int, int]:
@@ -1257,7 +1262,7 @@ def coco_annotation(obj: Object, ann_id: int, image_id: int) -> dict:
     """A COCO instance: the polygon (2 decimals, as COCO stores them), its shoelace area, its box [x, y, w, h]."""
     poly = np.round(obj.polygon, 2)
     x, y = poly[:, 0], poly[:, 1]
-    area = float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    area = polygon_area(poly)
     x0, y0, x1, y1 = float(x.min()), float(y.min()), float(x.max()), float(y.max())
     return {"id": ann_id, "image_id": image_id, "category_id": obj.class_id + 1,
             "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]], "area": round(area, 2),

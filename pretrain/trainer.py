@@ -43,6 +43,18 @@ def setup_logging(output_dir: str, rank: int) -> None:
         log.addHandler(h)
 
 
+def truncate_metrics(output_dir: str, key: str, last: int) -> None:
+    """Drop the ``metrics.jsonl`` lines whose ``key`` (iter / epoch) is past the checkpoint a run resumed from:
+    the resumed run writes them again."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get(key, 0) <= last]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
 class Preempted(RuntimeError):
     """The run was asked to stop (SIGTERM / SIGUSR2) and has written its checkpoint."""
 
@@ -221,19 +233,10 @@ class Trainer:
             return
         self.load_state_dict(state)
         logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iter, self.iter // self.iters_per_epoch)
-        self._truncate_metrics(self.iter)
+        if self.rank == 0:
+            truncate_metrics(self.cfg.OUTPUT_DIR, "iter", self.iter)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _truncate_metrics(self, last_iter: int) -> None:
-        """Drop metrics.jsonl lines written after the checkpoint we resumed from (they will be written again)."""
-        path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.jsonl")
-        if self.rank != 0 or not os.path.exists(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= last_iter]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
     def _finite_check(self, losses: Dict[str, torch.Tensor]) -> None:
         values = torch.stack([losses["loss"], losses["loss_dis"], losses["loss_co"]]).detach().float()
         if self.world > 1:  # every process must stop together, not hang in the next all-reduce

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from pretrain.checkpoint import arch_signature, key_mismatch, read_backbone, save_atomic
+
 LAYOUTS = ("C4", "FPN")
 AUTHOR = "disco-transfer"
 
@@ -201,14 +203,7 @@ def convert_backbone(state_dict: Dict[str, torch.Tensor], arch: str, layout: str
 
 def _check_arch(state_dict: Dict[str, torch.Tensor], arch: str, path: str) -> None:
     """The checkpoint must be exactly ``arch``'s backbone (keys and shapes), else name the differences."""
-    from pretrain.backbones import build_backbone
-
-    with torch.device("meta"):  # shapes only
-        own = {k: tuple(v.shape) for k, v in build_backbone(arch).state_dict().items()}
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs {arch} {own[k]}"
-                    for k in set(own) & set(state_dict) if tuple(state_dict[k].shape) != own[k])
+    missing, unexpected, shapes = key_mismatch(arch_signature(arch), state_dict)
     if missing or unexpected or shapes:
         raise ValueError(f"{path} is not a {arch} backbone: missing {len(missing)} {missing[:8]}, unexpected "
                          f"{len(unexpected)} {unexpected[:8]}, shape mismatches {len(shapes)} {shapes[:8]}. Pass the "
@@ -217,8 +212,6 @@ def _check_arch(state_dict: Dict[str, torch.Tensor], arch: str, path: str) -> No
 
 def read_checkpoint(path: str, arch: Optional[str] = None):
     """``pretrain.checkpoint.read_backbone`` plus the check that the backbone is exactly ``arch``'s."""
-    from pretrain.checkpoint import read_backbone
-
     ckpt = read_backbone(path, arch)
     if arch is not None and ckpt.metadata.get("arch") not in (None, arch):
         raise ValueError(f"{path} says it is a {ckpt.metadata['arch']} but --arch is {arch}")
@@ -255,12 +248,4 @@ def d2_checkpoint(conv: Conversion) -> dict:
 
 def save_d2_checkpoint(conv: Conversion, path: str) -> None:
     """Write :func:`d2_checkpoint` to ``path`` atomically (temp file in the same folder, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(d2_checkpoint(conv), f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomic(d2_checkpoint(conv), path, dump=pickle.dump)

@@ -2,13 +2,24 @@
 
 Shared by the pretrainer's online monitor and the offline evaluator.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from pretrain.data import ImageFolder, balanced_subset, eval_transform
+
+
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
+                      channels_last: bool = False) -> torch.Tensor:
+    """Pooled features (N x D, float32) of ``backbone`` on ``images``, under autocast when ``amp_dtype`` is set."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = backbone(images)
+    return out.float()
 
 
 @torch.no_grad()
@@ -20,12 +31,8 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device, amp_d
     model.eval()
     feats, labels = [], []
     for batch in loader:
-        images = batch[0].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(images)
-        feats.append(F.normalize(out.float(), dim=1).cpu())
+        out = backbone_features(model, batch[0].to(device, non_blocking=True), amp_dtype, channels_last)
+        feats.append(F.normalize(out, dim=1).cpu())
         labels.append(torch.as_tensor(batch[1]))
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -31,12 +31,13 @@ from torchvision import transforms as T
 
 from pretrain import distributed as du
 from pretrain.backbones import build_backbone, get_spec
-from pretrain.checkpoint import Checkpointer
-from pretrain.data import ImageFolder, sample_seed
-
+from pretrain.checkpoint import Checkpointer, load_strict, read_backbone
 from pretrain.config import save_cfg
+from pretrain.data import ImageFolder, sample_seed
+from pretrain.trainer import setup_logging, truncate_metrics
 
 from .config import CfgNode, setup_cfg
+from .knn import backbone_features
 
 logger = logging.getLogger("transfer")
 
@@ -73,8 +74,6 @@ def load_backbone(weights: str, arch: str = "", seed: int = 0) -> Tuple[nn.Modul
                                   "skipped": {}}
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
-    from pretrain.checkpoint import load_strict, read_backbone
-
     ckpt = read_backbone(weights, arch=arch or None)
     backbone = build_backbone(ckpt.arch)
     load_strict(backbone, ckpt.state_dict, f"backbone {weights} ({ckpt.format} format, arch {ckpt.arch})")
@@ -89,17 +88,6 @@ def load_backbone(weights: str, arch: str = "", seed: int = 0) -> Tuple[nn.Modul
 
 def amp_dtype_of(name: str) -> Optional[torch.dtype]:
     return {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-@torch.no_grad()
-def backbone_features(backbone: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
-                      channels_last: bool = False) -> torch.Tensor:
-    """Pooled features (N x D, float32) of the frozen backbone."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = backbone(images)
-    return out.float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,8 +247,6 @@ def extract_features(backbone: nn.Module, dataset: Dataset, device: torch.device
 def start_run(cfg: CfgNode) -> torch.device:
     """What every evaluator process does first: join the process group (if any), create OUTPUT_DIR, log to it, and
     write the resolved config there (rank 0). Returns this process's device."""
-    from pretrain.trainer import setup_logging
-
     device = du.init_distributed()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logging(cfg.OUTPUT_DIR, du.get_rank())
@@ -372,16 +358,8 @@ class LinearEvaluator:
         self.epoch = state["epoch"]
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
-        self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.jsonl")
-        if self.rank != 0 or not os.path.exists(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
-        with open(path, "w") as f:
-            f.writelines(keep)
+        if self.rank == 0:
+            truncate_metrics(self.cfg.OUTPUT_DIR, "epoch", self.epoch)
 
     # ------------------------------------------------------------------------------------------------------------
     def _build_cache(self, splits: Sequence[str]) -> None:

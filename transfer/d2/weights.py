@@ -12,7 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from transfer.convert import Conversion
+from transfer.convert import Conversion, convert_read, read_checkpoint, save_d2_checkpoint
 
 # Default detection config per student: the VOC C4 24k leaf (relative to the repository root).
 DEFAULT_CONFIGS = {
@@ -176,8 +176,6 @@ def convert_to_d2(src: str, out: str, arch: Optional[str] = None, config_file: O
     """Convert ``src`` to ``out`` (.pkl) for the model of ``config_file``, verifying that every pretrained weight
     loads; ``out`` is only written (atomically) when they all do. -> (report, conversion, config file used)."""
     from detectron2.modeling import build_model
-
-    from transfer.convert import convert_read, read_checkpoint, save_d2_checkpoint
 
     if not out.endswith(".pkl"):
         raise ValueError(f"output {out!r} must end in .pkl (how detectron2 recognises a converted checkpoint)")
