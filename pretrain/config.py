@@ -1,69 +1,37 @@
 """The pretrainer's configuration: fvcore ``CfgNode`` with ``_BASE_`` inheritance and ``KEY VALUE`` overrides.
 
-Every key has a one-line comment. ``get_cfg()`` returns a fresh copy of the defaults; leaf yaml files in
-``configs/pretrain/`` override only what differs. YAML files with a duplicated key are rejected (PyYAML silently
-keeps the last occurrence, which is how the official DisCo VOC config lost three keys).
+Every key has a one-line comment. ``get_cfg()`` returns a fresh copy of the defaults, with the keys of every
+registered testbed and distiller (their ``add_config``); leaf yaml files in ``configs/pretrain/`` override only what
+differs. YAML files with a duplicated key are rejected (:mod:`pretrain.cfgnode`).
 """
 import os
 
-import yaml
-from fvcore.common.config import CfgNode as _FvcoreCfgNode
+import pretrain.distillers  # noqa: F401  (registers every distiller)
+import pretrain.testbeds  # noqa: F401  (registers every testbed)
+
+from .cfgnode import CN, CfgNode, merge_and_freeze, save_cfg  # noqa: F401  (save_cfg: the pretrainer's API)
+from .methods import DISTILLERS, TESTBEDS
 
 
-class DuplicateKeyError(ValueError):
-    pass
+def _refuse_old_method(value, where: str) -> None:
+    if not isinstance(value, str):
+        return
+    distillers = {"disco": "[disco]", "moco": "[]"}.get(value.strip(), f"[{value}]")
+    raise ValueError(
+        f"METHOD: {value} in {where} is the form of earlier versions. A method is now a testbed plus a list of "
+        f"distillers; write\n  METHOD:\n    TESTBED: mocov2\n    DISTILLERS: {distillers}\n(on the command line: "
+        f"METHOD.TESTBED mocov2 METHOD.DISTILLERS \"{distillers}\"). Registered testbeds: "
+        f"{', '.join(sorted(TESTBEDS.names()))}; distillers: {', '.join(sorted(DISTILLERS.names()))}.")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a mapping with the same key twice."""
-
-    filename = "<string>"
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKeyError(
-                    f"duplicate key {key!r} in {self.filename} (line {seen[key] + 1} and line "
-                    f"{key_node.start_mark.line + 1}); YAML would silently keep only the last one. "
-                    f"Merge the two {key!r} blocks into one.")
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def check_yaml_duplicates(filename: str) -> None:
-    """Raise :class:`DuplicateKeyError` naming the key and file if ``filename`` repeats a key at any level."""
-    with open(filename) as f:
-        text = f.read()
-    loader = _StrictLoader(text)
-    loader.filename = filename
-    try:
-        loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-class StrictYamlMixin:
-    """Mix into any fvcore-derived CfgNode (ours, detectron2's) to reject duplicate keys in every file of a
-    ``_BASE_`` chain. fvcore's loader calls ``cls.load_yaml_with_base`` recursively for each base."""
-
-    @classmethod
-    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
-        check_yaml_duplicates(filename)
-        return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
-
-
-class CfgNode(StrictYamlMixin, _FvcoreCfgNode):
-    pass
-
-
-CN = CfgNode
 _C = CN()
 
 _C.OUTPUT_DIR = "runs/pretrain"  # everything of a run goes here: config.yaml, checkpoints, metrics.jsonl, export/
 _C.SEED = 0  # global seed; augmentations are a pure function of (SEED, epoch, image index)
-_C.METHOD = "disco"  # "disco": distil a frozen teacher + MoCo-v2 (L = w_dis*L_dis + lambda*L_co); "moco": MoCo-v2 only
+
+_C.METHOD = CN()  # a testbed + distillers, each a registered plug-in (pretrain/methods.py); L = sum of their terms
+_C.METHOD.TESTBED = "mocov2"  # the student's own self-supervised objective (TESTBEDS): mocov2, or none (distil only)
+_C.METHOD.DISTILLERS = ["disco"]  # terms towards the frozen MODEL.TEACHER (DISTILLERS), e.g. [attention, disco]
 
 _C.MODEL = CN()
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format for all encoders (faster with AMP on GPU and bf16 CPUs)
@@ -79,24 +47,10 @@ _C.MODEL.STUDENT.HEAD.BN = False  # BatchNorm1d after each hidden linear layer (
 
 _C.MODEL.TEACHER = CN()
 _C.MODEL.TEACHER.ARCH = "resnet50"  # teacher backbone name in pretrain.backbones.BACKBONES
-_C.MODEL.TEACHER.WEIGHTS = ""  # teacher checkpoint: our export, MoCo-v1/v2 .pth.tar or SwAV state dict (required for disco)
+_C.MODEL.TEACHER.WEIGHTS = ""  # teacher checkpoint (our export, MoCo-v1/v2 .pth.tar, SwAV); needed by distillers
 _C.MODEL.TEACHER.BN_TRAIN = False  # True reproduces the official code: teacher BN uses batch stats, updates running stats
 
-_C.MODEL.MOCO = CN()
-_C.MODEL.MOCO.QUEUE_SIZE = 65536  # K, number of negative keys; must be a multiple of the total batch size
-_C.MODEL.MOCO.MOMENTUM = 0.999  # m, momentum of the key encoder update
-_C.MODEL.MOCO.TEMPERATURE = 0.2  # T, softmax temperature of InfoNCE (MoCo-v2: 0.2)
-_C.MODEL.MOCO.SHUFFLE_BN = True  # shuffle the key batch before the momentum encoder (across processes if several)
-_C.MODEL.MOCO.BN_SPLITS = 1  # BN groups per process for the shuffled keys; >1 emulates multi-GPU shuffle-BN on one
-
-_C.LOSS = CN()
-_C.LOSS.DISCO = CN()
-# w_dis, weight of L_dis = w_dis * mean_over_batch(||E_s - E_t||^2 + ||E'_s - E'_t||^2) on L2-normalised embeddings.
-# The official code sums the MSE over its per-GPU batch (32 in the paper's 8x32 setting) and over the 128 dims,
-# i.e. 32 * mean_over_batch(...). WEIGHT 32 reproduces that effective weight whatever the per-GPU batch and GPU count.
-_C.LOSS.DISCO.WEIGHT = 32.0
-_C.LOSS.CONTRASTIVE = CN()
-_C.LOSS.CONTRASTIVE.WEIGHT = 1.0  # lambda, weight of the student's own MoCo-v2 InfoNCE loss L_co; 0 = distillation only
+_C.LOSS = CN()  # each method part adds its node here with its weight (LOSS.DISCO.WEIGHT, LOSS.CONTRASTIVE.WEIGHT)
 
 _C.DATA = CN()
 _C.DATA.TRAIN_DIR = ""  # ImageFolder root for training (e.g. /datasets/imagenet/train: <class>/<image>)
@@ -143,61 +97,45 @@ _C.TEST.KNN.MAX_TRAIN_IMAGES = 20000  # feature bank: at most this many training
 
 
 def get_cfg() -> CfgNode:
-    """A fresh copy of the defaults above."""
-    return _C.clone()
-
-
-def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
-    """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze."""
-    return merge_and_freeze(get_cfg(), config_file, opts, validate_cfg)
-
-
-def merge_and_freeze(cfg: CfgNode, config_file: str, opts, validate) -> CfgNode:
-    """The one config path of every CLI: merge ``config_file`` and the ``KEY VALUE`` ``opts`` into ``cfg``,
-    ``validate(cfg)``, freeze."""
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        cfg.merge_from_file(config_file)
-    if opts:
-        if len(opts) % 2:
-            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
-        cfg.merge_from_list(ints_as_floats(cfg, list(opts)))
-    validate(cfg)
-    cfg.freeze()
+    """A fresh copy of the defaults above plus the keys of every registered testbed and distiller."""
+    cfg = _C.clone()
+    for registry in (TESTBEDS, DISTILLERS):
+        for _, part in sorted(registry):
+            part.add_config(cfg)
     return cfg
 
 
-def ints_as_floats(cfg: CfgNode, opts: list) -> list:
-    """``SOLVER.BASE_LR 3`` on the command line means 3.0: yacs would refuse an int for a float key."""
-    out = list(opts)
-    for i in range(0, len(out), 2):
-        node = cfg
-        for part in str(out[i]).split("."):
-            node = node.get(part) if isinstance(node, _FvcoreCfgNode) else None
-        if isinstance(node, float) and isinstance(out[i + 1], str):
-            try:
-                out[i + 1] = repr(float(int(out[i + 1])))
-            except ValueError:
-                pass
-    return out
+def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
+    """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze.
+    The ``METHOD: disco`` / ``METHOD: moco`` of earlier versions is refused with the keys that replace it."""
+    if config_file and os.path.isfile(config_file):
+        _refuse_old_method(CfgNode.load_yaml_with_base(config_file).get("METHOD"), config_file)
+    for key, value in zip(list(opts)[0::2], list(opts)[1::2]):
+        if key == "METHOD":
+            _refuse_old_method(value, "the command line")
+    return merge_and_freeze(get_cfg(), config_file, opts, validate_cfg)
 
 
 def validate_cfg(cfg: CfgNode) -> None:
-    if cfg.METHOD not in ("disco", "moco"):
-        raise ValueError(f"METHOD must be 'disco' or 'moco', got {cfg.METHOD!r}")
+    m = cfg.METHOD
+    if m.TESTBED not in TESTBEDS:
+        raise ValueError(f"METHOD.TESTBED {m.TESTBED!r} is not a registered testbed; use one of "
+                         f"{', '.join(sorted(TESTBEDS.names()))}")
+    for name in m.DISTILLERS:
+        if name not in DISTILLERS:
+            raise ValueError(f"METHOD.DISTILLERS: {name!r} is not a registered distiller; use names from "
+                             f"{', '.join(sorted(DISTILLERS.names()))}")
+    if len(set(m.DISTILLERS)) != len(m.DISTILLERS):
+        raise ValueError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} names a distiller twice")
+    if m.TESTBED == "none" and not m.DISTILLERS:
+        raise ValueError("METHOD.TESTBED none with no METHOD.DISTILLERS trains nothing")
+    if m.DISTILLERS and not cfg.MODEL.TEACHER.WEIGHTS:
+        raise ValueError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} distil a frozen teacher: set "
+                         f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
     if cfg.SOLVER.OPTIMIZER not in ("sgd", "adamw"):
         raise ValueError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.TRAIN.AMP.DTYPE not in ("bfloat16", "float16"):
         raise ValueError(f"TRAIN.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.TRAIN.AMP.DTYPE!r}")
-    if cfg.METHOD == "disco" and not cfg.MODEL.TEACHER.WEIGHTS:
-        raise ValueError("METHOD disco needs a frozen teacher: set MODEL.TEACHER.WEIGHTS to a teacher checkpoint "
-                         "(our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD moco")
-    if cfg.METHOD == "moco" and cfg.LOSS.CONTRASTIVE.WEIGHT <= 0:
-        raise ValueError("METHOD moco with LOSS.CONTRASTIVE.WEIGHT <= 0 trains nothing")
-
-
-def save_cfg(cfg: CfgNode, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(cfg.dump())
+    TESTBEDS.get(m.TESTBED).check_config(cfg)
+    for name in m.DISTILLERS:
+        DISTILLERS.get(name).check_config(cfg)

@@ -85,9 +85,15 @@ def moco_v2_transform(size: int, scale=(0.2, 1.0), blur_sigma=(0.1, 2.0), mean=(
     ])
 
 
-def eval_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Callable:
-    """Resize to size/0.875 (256 for 224) then centre-crop ``size``: the linear-eval / kNN protocol."""
-    return T.Compose([T.Resize(int(round(size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def eval_transform(size: int, resize: int = 0, interpolation: str = "bicubic", mean=(0.485, 0.456, 0.406),
+                   std=(0.229, 0.224, 0.225)) -> Callable:
+    """The evaluation transform of every protocol: resize the shorter side to ``resize`` (default size / 0.875, i.e.
+    256 for 224), centre-crop ``size``, normalise. Linear evaluation uses 256 / 224 bilinear (MoCo's lincls), CIFAR
+    224 / 224 bicubic (32 -> 224), the kNN monitor the default."""
+    return T.Compose([T.Resize(resize or int(round(size / 0.875)), interpolation=INTERPOLATIONS[interpolation]),
                       T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 

@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from .config import setup_cfg
 from .distributed import launch
-from .trainer import Preempted, Trainer
+from .preemption import Preempted
+from .trainer import Trainer
 
 logger = logging.getLogger("pretrain")
 

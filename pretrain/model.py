@@ -1,131 +1,65 @@
-"""Student + momentum encoder + queue (MoCo-v2) and the frozen teacher (DisCo). ``forward`` returns embeddings."""
-import copy
-from typing import Dict, Optional
+"""The :class:`Method` that trains a student: student encoder + testbed + distillers + the frozen teacher.
+
+``Method.forward`` returns the student's outputs for one view (what DistributedDataParallel wraps); everything else
+a step needs comes from its parts (see :mod:`pretrain.methods` and :func:`pretrain.engine.train_step`).
+"""
+import logging
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone, feature_dim
-from .distributed import broadcast_, concat_all_gather, get_rank, get_world_size
-from .heads import build_head
+from .checkpoint import load_strict
+from .encoder import Encoder, build_student_encoder
+from .methods import DISTILLERS, TESTBEDS, Distiller, Testbed
+from .precision import amp_dtype
+from .teacher import load_teacher
+
+logger = logging.getLogger(__name__)
 
 
-class Encoder(nn.Module):
-    """backbone -> projection head -> L2 normalisation."""
+class Method(nn.Module):
+    """The student, its testbed, its distillers and the frozen teacher they share (none without distillers).
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(images)), dim=1)  # NxC
-
-
-def build_encoder(arch: str, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = False) -> Encoder:
-    return Encoder(build_backbone(arch), build_head(feature_dim(arch), hidden_dim, out_dim, num_layers, bn))
-
-
-class MoCoV2(nn.Module):
-    """MoCo-v2 (He et al. 2020; Chen et al. 2020): query encoder, momentum key encoder and a queue of keys."""
-
-    def __init__(self, encoder: Encoder, queue_size: int = 65536, momentum: float = 0.999, shuffle_bn: bool = True,
-                 bn_splits: int = 1):
-        super().__init__()
-        self.momentum = momentum
-        self.shuffle_bn = shuffle_bn
-        self.bn_splits = bn_splits
-        self.encoder_q = encoder
-        self.encoder_k = copy.deepcopy(encoder)
-        self.encoder_k.requires_grad_(False)
-        dim = encoder.head[-1].out_features
-        self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))  # CxK
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1.0 - self.momentum)
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest entries of the queue with ``keys`` (NxC, all processes' keys)."""
-        batch = keys.shape[0]
-        size = self.queue.shape[1]
-        if size % batch:
-            raise ValueError(f"MODEL.MOCO.QUEUE_SIZE {size} is not a multiple of the total batch {batch}")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + batch] = keys.t().to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch) % size
-
-    @torch.no_grad()
-    def keys(self, images: torch.Tensor) -> torch.Tensor:
-        """Key embeddings (NxC) of the momentum encoder, with shuffle-BN: the key batch is shuffled (across
-        processes when there are several, else locally) and forwarded in ``bn_splits`` groups per process, so the
-        BatchNorm statistics of a key never come from the same group of images as its query's. Without it the
-        model can "cheat" through BN statistics (MoCo, sec. 3.3); on one process use ``bn_splits`` > 1."""
-        if not self.shuffle_bn:
-            return self.encoder_k(images)
-        if get_world_size() > 1:
-            images, unshuffle = _shuffle_across_processes(images)
-            return _unshuffle_across_processes(self._split_forward(images), unshuffle)
-        perm = torch.randperm(images.shape[0], device=images.device)
-        return self._split_forward(images[perm])[torch.argsort(perm)]
-
-    def _split_forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.bn_splits <= 1:
-            return self.encoder_k(images)
-        if images.shape[0] % self.bn_splits:
-            raise ValueError(f"the per-process batch {images.shape[0]} is not divisible by MODEL.MOCO.BN_SPLITS "
-                             f"{self.bn_splits}")
-        return torch.cat([self.encoder_k(chunk) for chunk in images.chunk(self.bn_splits)])
-
-
-@torch.no_grad()
-def _shuffle_across_processes(x: torch.Tensor):
-    local = x.shape[0]
-    x_all = concat_all_gather(x)
-    perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device), src=0)
-    unshuffle = torch.argsort(perm)
-    mine = perm.view(get_world_size(), -1)[get_rank()]
-    assert mine.numel() == local
-    return x_all[mine], unshuffle
-
-
-@torch.no_grad()
-def _unshuffle_across_processes(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
-    x_all = concat_all_gather(x)
-    return x_all[unshuffle.view(get_world_size(), -1)[get_rank()]]
-
-
-class DisCo(nn.Module):
-    """A MoCo-v2 student and, for DisCo, a frozen teacher encoder (no gradients, not in the optimizer).
-
-    A step has two parts (see ``pretrain.engine.train_step``):
-      ``targets(view1, view2)``, without gradients: momentum update, then a dict of L2-normalised
-        k:      momentum encoder on view 2 (E'_m)                            NxC
-        queue:  the negatives, as they were before this batch                CxK  (enqueue after the step)
-        t, t2:  teacher on view 1 / view 2 (E_t, E'_t), absent without a teacher
-      ``forward(images)``: the student query encoder (E_s or E'_s, NxC), the only part with gradients; it is what
-        DistributedDataParallel wraps.
-    Running the teacher before the student keeps its activations from ever coexisting with the student's graph.
+    The teacher never receives gradients and is not optimised; its BatchNorm runs in eval mode (pretrained running
+    statistics) unless ``teacher_bn_train`` (the official code: batch statistics). With ``teacher_amp_dtype`` it
+    runs under autocast, its weights stored in that dtype (unless BN_TRAIN, whose running statistics keep
+    accumulating in float32).
     """
 
-    def __init__(self, student: MoCoV2, teacher: Optional[Encoder] = None, teacher_bn_train: bool = False,
+    def __init__(self, student: Encoder, testbed: Testbed, distillers: Dict[str, Distiller],
+                 teacher: Optional[Encoder] = None, teacher_bn_train: bool = False,
                  teacher_amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
+        if distillers and teacher is None:
+            raise ValueError(f"distillers {sorted(distillers)} need a teacher")
         self.student = student
+        self.testbed = testbed
+        self.distillers = nn.ModuleDict(distillers)
         self.teacher = teacher
         self.teacher_bn_train = teacher_bn_train
         self.teacher_amp_dtype = teacher_amp_dtype
+        parts = self.parts()
+        self.student_views = tuple(sorted({v for p in parts for v in p.student_views}))
+        self.student_maps = any(p.student_maps for p in parts)
+        self.teacher_views = tuple(sorted({v for d in self.distillers.values() for v in d.teacher_views}))
+        self.teacher_maps = any(d.teacher_maps for d in self.distillers.values())
+        if not self.student_views:
+            raise ValueError(f"no part of the method ({', '.join(p.name for p in parts)}) trains the student")
         if teacher is not None:
             teacher.requires_grad_(False)
             if teacher_amp_dtype is not None and not teacher_bn_train:
-                # frozen weights are only ever used in low precision: store them so (half the memory, no per-step
-                # autocast casts); with BN_TRAIN the running statistics keep accumulating in float32
-                teacher.to(teacher_amp_dtype)
+                teacher.to(teacher_amp_dtype)  # frozen weights used only in low precision: half the memory
         self.train()
+
+    def parts(self) -> List[nn.Module]:
+        """The testbed, then the distillers in config order."""
+        return [self.testbed, *self.distillers.values()]
+
+    @property
+    def description(self) -> str:
+        """e.g. ``mocov2 + disco``."""
+        return " + ".join(p.name for p in self.parts() if p.name != "none") or "none"
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,24 +67,104 @@ class DisCo(nn.Module):
             self.teacher.eval()  # frozen: BatchNorm uses (and keeps) its pretrained running statistics
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student.encoder_q(images)
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """What the optimizer trains: the student, then any parameters of the parts (the teacher and momentum
+        encoders never)."""
+        yield from self.student.parameters()
+        for part in self.parts():
+            yield from part.trainable_parameters()
+
+    def exported(self) -> Encoder:
+        """The encoder exported at the end and evaluated by the kNN monitor."""
+        return self.testbed.exported(self.student)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, maps: bool = False) -> Dict[str, object]:
+        """The student on one view (gradients flow): ``embedding`` (E_s, NxC), ``features``, [``maps``]."""
+        return self.student.embed(images, maps)
 
     @torch.no_grad()
-    def targets(self, view1: torch.Tensor, view2: torch.Tensor, amp_dtype: Optional[torch.dtype] = None
-                ) -> Dict[str, torch.Tensor]:
-        """Everything the losses compare the student against. ``amp_dtype``: autocast of the key encoder (the
-        student's setting); the teacher uses ``teacher_amp_dtype``."""
-        device = view1.device.type
-        self.student.momentum_update()
+    def targets(self, views: Sequence[torch.Tensor], amp_dtype: Optional[torch.dtype] = None) -> dict:
+        """Everything computed without gradients before the student's forward: the testbed's targets (under the
+        student's autocast ``amp_dtype``: its key encoder is a student copy), then the teacher's outputs on the
+        views the distillers read (once for all of them, before any student graph exists), then each distiller's
+        targets."""
+        device = views[0].device.type
         with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = {"k": self.student.keys(view2).float(), "queue": self.student.queue}
-        if self.teacher is not None:
-            dtype = self.teacher_amp_dtype
-            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                if self.teacher.training:  # official behaviour: BN batch statistics per view
-                    t, t2 = self.teacher(view1), self.teacher(view2)
-                else:  # eval-mode BN is per-sample, so one forward over both views is exactly equivalent
-                    t, t2 = self.teacher(torch.cat([view1, view2])).chunk(2)
-            out["t"], out["t2"] = t.float(), t2.float()
-        return out
+            testbed = self.testbed.targets(self.student, views, None)
+        teacher = self.teacher_outputs(views) if self.teacher is not None else None
+        return {"testbed": testbed,
+                "distillers": {name: d.targets(self.student, views, teacher) for name, d in self.distillers.items()}}
+
+    @torch.no_grad()
+    def teacher_outputs(self, views: Sequence[torch.Tensor]) -> List[Optional[dict]]:
+        """Per view, the teacher's ``embedding`` / ``features`` (/ ``maps``) in float32; None for views no distiller
+        reads."""
+        need = self.teacher_views
+        dtype = self.teacher_amp_dtype
+        with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self.teacher.training or len(need) == 1:  # BN_TRAIN (official): batch statistics of each view
+                outs = {v: self.teacher.embed(views[v], self.teacher_maps) for v in need}
+            else:  # eval-mode BN is per-sample: one forward over all views is exactly equivalent, and faster
+                joint = self.teacher.embed(torch.cat([views[v] for v in need]), self.teacher_maps)
+                outs = {v: _chunk(joint, len(need), i) for i, v in enumerate(need)}
+        return [_to_float(outs[v]) if v in outs else None for v in range(len(views))]
+
+    def losses(self, view: int, out: Dict[str, object], targets: dict) -> Dict[str, torch.Tensor]:
+        """The weighted terms of student view ``view`` from every part, and ``loss``, their sum."""
+        terms = {}
+        if view in self.testbed.student_views:
+            terms.update(_named(self.testbed, self.testbed.losses(view, out, targets["testbed"]), terms))
+        for name, d in self.distillers.items():
+            if view in d.student_views:
+                terms.update(_named(d, d.losses(view, out, targets["distillers"][name]), terms))
+        total = None
+        for value in terms.values():
+            total = value if total is None else total + value
+        if total is None:
+            raise RuntimeError(f"no loss term for student view {view}")
+        return {"loss": total, **terms}
+
+    @torch.no_grad()
+    def after_step(self, targets: dict) -> None:
+        self.testbed.after_step(self.student, targets["testbed"])
+        for name, d in self.distillers.items():
+            d.after_step(self.student, targets["distillers"][name])
+
+
+def _named(part, terms: Dict[str, torch.Tensor], seen: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    for key in terms:
+        if not key.startswith("loss_") or key in seen:
+            raise ValueError(f"{type(part).__name__}.losses returned {key!r}: terms are named loss_<something>, "
+                             f"unique across the method's parts")
+    return terms
+
+
+def _chunk(out: Dict[str, object], n: int, i: int) -> Dict[str, object]:
+    """Part ``i`` of ``n`` equal batch chunks of every tensor (and list of tensors) in ``out``."""
+    return {k: [m.chunk(n)[i] for m in v] if isinstance(v, list) else v.chunk(n)[i] for k, v in out.items()}
+
+
+def _to_float(out: Dict[str, object]) -> Dict[str, object]:
+    return {k: [m.float() for m in v] if isinstance(v, list) else v.float() for k, v in out.items()}
+
+
+def build_method(cfg) -> Method:
+    """The method of ``cfg``: the student (MODEL.STUDENT, optionally initialised from MODEL.STUDENT.WEIGHTS), the
+    testbed METHOD.TESTBED, the distillers METHOD.DISTILLERS and, when there are distillers, the frozen teacher
+    MODEL.TEACHER. Built in this order, so the same seed gives the same initial weights."""
+    student = build_student_encoder(cfg)
+    if cfg.MODEL.STUDENT.WEIGHTS:
+        sd = torch.load(cfg.MODEL.STUDENT.WEIGHTS, map_location="cpu", weights_only=True)
+        load_strict(student.backbone, sd.get("state_dict", sd), f"student weights {cfg.MODEL.STUDENT.WEIGHTS}")
+    testbed = TESTBEDS.get(cfg.METHOD.TESTBED).from_config(cfg, student)
+    classes = [DISTILLERS.get(name) for name in cfg.METHOD.DISTILLERS]
+    teacher = None
+    if classes:
+        t = cfg.MODEL.TEACHER
+        teacher, info = load_teacher(t.WEIGHTS, t.ARCH)
+        logger.info("teacher %s from %s (%s format, head %s; ignored %d keys: %s)", t.ARCH, t.WEIGHTS,
+                    info["format"], info["head"], len(info["ignored_keys"]), info["ignored_keys"][:6])
+    distillers = {cls.name: cls.from_config(cfg, student, teacher) for cls in classes}
+    teacher_amp = amp_dtype(cfg.TRAIN.AMP.DTYPE if cfg.TRAIN.AMP.TEACHER else "")
+    return Method(student, testbed, distillers, teacher, cfg.MODEL.TEACHER.BN_TRAIN, teacher_amp)

@@ -3,7 +3,7 @@
 The submitted callable, :class:`SlurmTask`, exports the distributed environment of its task (one task per GPU, or
 ``--tasks-per-node`` CPU tasks) with ``submitit.helpers.TorchDistributedEnvironment`` and runs the same entry
 function a local run uses. Preemption / time limit: SLURM signals the tasks (USR2); the trainer checkpoints at the
-next iteration boundary and raises :class:`pretrain.trainer.Preempted`; rank 0 then hands the signal back to
+next iteration boundary and raises :class:`pretrain.preemption.Preempted`; rank 0 then hands the signal back to
 submitit, which calls :meth:`SlurmTask.checkpoint` and requeues the job. The requeued job resumes from OUTPUT_DIR.
 """
 import argparse
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import submitit
 
-from .trainer import Preempted
+from .preemption import Preempted
 
 
 def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ def tiny_cfg(output_dir, data_root, teacher_weights="", **overrides):
         "DATA.IMAGE_SIZE": 32, "DATA.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 8, "SOLVER.EPOCHS": 2,
         "MODEL.MOCO.QUEUE_SIZE": 32, "MODEL.STUDENT.ARCH": "resnet18", "MODEL.STUDENT.HEAD.HIDDEN_DIM": 64,
         "TRAIN.LOG_PERIOD": 1, "TRAIN.DETERMINISTIC": True, "SOLVER.BASE_LR": 0.3,
-        "METHOD": "disco" if teacher_weights else "moco", "MODEL.TEACHER.ARCH": "resnet18",
+        "METHOD.DISTILLERS": "['disco']" if teacher_weights else "[]", "MODEL.TEACHER.ARCH": "resnet18",
         "MODEL.TEACHER.WEIGHTS": str(teacher_weights), "TEST.KNN.IMAGE_SIZE": 32,
     }
     opts.update(overrides)
@@ -45,8 +45,8 @@ def tiny_cfg(output_dir, data_root, teacher_weights="", **overrides):
 @pytest.fixture(scope="session")
 def teacher_export(tmp_path_factory):
     """A resnet18 'teacher' in our export format (random weights, a MoCo-v2 head 512 -> 64 -> 128)."""
-    from pretrain.checkpoint import export_encoder
-    from pretrain.model import build_encoder
+    from pretrain.export import export_encoder
+    from pretrain.encoder import build_encoder
 
     torch.manual_seed(123)
     enc = build_encoder("resnet18", 64, 128)

@@ -5,8 +5,11 @@ import timm
 import torch
 
 from pretrain.backbones import build_backbone
-from pretrain.checkpoint import Checkpointer, export_encoder, load_strict, load_teacher, read_backbone, save_atomic
-from pretrain.model import build_encoder
+from pretrain.checkpoint import Checkpointer, load_strict, save_atomic
+from pretrain.export import export_encoder
+from pretrain.formats import read_backbone
+from pretrain.teacher import load_teacher
+from pretrain.encoder import build_encoder
 
 
 def _enc(arch="resnet18", hidden=64, out=16, layers=2, bn=False):
@@ -161,6 +164,6 @@ def test_read_backbone_from_pretraining_checkpoint(tmp_path, imagefolder, teache
     Trainer(cfg).run()
     path = Checkpointer(str(tmp_path / "run")).list()[0]
     ck = read_backbone(path)
-    assert ck.format == "pretrain-checkpoint" and ck.arch == "resnet18" and ck.metadata["method"] == "disco"
+    assert ck.format == "pretrain-checkpoint" and ck.arch == "resnet18" and ck.metadata["method"] == "mocov2 + disco"
     assert set(ck.head) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     load_strict(build_backbone("resnet18"), ck.state_dict, "student")

@@ -12,8 +12,9 @@ import torch
 
 from pretrain.synthetic import write_cifar
 from transfer.cifar import CIFAR
-from transfer.config import setup_cfg
-from transfer.linear import LinearEvaluator, eval_transform
+from transfer.common import eval_transform_from_cfg
+from transfer.config import setup_eval_cfg
+from transfer.linear import LinearEvaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ def test_reader_matches_the_pickles(cifar_root):
     for c in range(3):
         assert np.array_equal(img[:, :, c].reshape(-1), row[c * 1024:(c + 1) * 1024])
     assert train.targets[:len(batch[b"labels"])] == list(batch[b"labels"])
-    x, y = CIFAR(str(cifar_root), "cifar10", transform=eval_transform(setup_cfg("", [])))[0]
+    x, y = CIFAR(str(cifar_root), "cifar10", transform=eval_transform_from_cfg(setup_eval_cfg("", [])))[0]
     assert x.shape == (3, 224, 224) and y == train.targets[0]  # 32 -> 224
 
     c100 = CIFAR(str(cifar_root), "cifar100", train=True)
@@ -96,7 +97,7 @@ def test_cached_and_uncached_training_agree(tmp_path, cifar_root, teacher_export
     base = os.path.join(ROOT, "configs/eval/cifar100.yaml")
     runs = {}
     for cache in (True, False):
-        cfg = setup_cfg(base, _opts(tmp_path / str(cache), cifar_root, teacher_export,
+        cfg = setup_eval_cfg(base, _opts(tmp_path / str(cache), cifar_root, teacher_export,
                                     **{"SOLVER.CACHE_FEATURES": cache}))
         runs[cache] = LinearEvaluator(cfg).run()
     assert runs[True]["cached_features"] and not runs[False]["cached_features"]

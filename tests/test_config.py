@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from pretrain.config import DuplicateKeyError, get_cfg, setup_cfg
+from pretrain.cfgnode import DuplicateKeyError
+from pretrain.config import get_cfg, setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,23 +25,50 @@ def test_duplicate_key_in_base_rejected(tmp_path):
 
 def test_base_inheritance_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("SOLVER:\n  EPOCHS: 3\nSEED: 5\n")
-    (tmp_path / "leaf.yaml").write_text("_BASE_: base.yaml\nSEED: 7\nMETHOD: moco\n")
+    (tmp_path / "leaf.yaml").write_text("_BASE_: base.yaml\nSEED: 7\nMETHOD:\n  DISTILLERS: []\n")
     cfg = setup_cfg(str(tmp_path / "leaf.yaml"), ["SOLVER.BASE_LR", "0.5"])
     assert (cfg.SOLVER.EPOCHS, cfg.SEED, cfg.SOLVER.BASE_LR) == (3, 7, 0.5)
+    assert cfg.METHOD.TESTBED == "mocov2" and list(cfg.METHOD.DISTILLERS) == []
     with pytest.raises(ValueError, match="KEY VALUE"):
         setup_cfg(str(tmp_path / "leaf.yaml"), ["SEED"])
 
 
 def test_disco_without_teacher_is_a_clear_error():
     with pytest.raises(ValueError, match="MODEL.TEACHER.WEIGHTS"):
-        setup_cfg("", ["METHOD", "disco"])
+        setup_cfg("", ["METHOD.DISTILLERS", "['disco']"])
+
+
+@pytest.mark.parametrize("value, distillers", [("disco", "[disco]"), ("moco", "[]")])
+def test_method_of_earlier_versions_is_refused_with_the_new_keys(tmp_path, value, distillers):
+    (tmp_path / "old.yaml").write_text(f"METHOD: {value}\n")
+    for args in ((str(tmp_path / "old.yaml"), []), ("", ["METHOD", value])):
+        with pytest.raises(ValueError, match=rf"TESTBED: mocov2\n    DISTILLERS: \{distillers}"):
+            setup_cfg(*args)
+
+
+def test_unknown_method_names_list_the_registered_ones():
+    with pytest.raises(ValueError, match="not a registered testbed.*mocov2"):
+        setup_cfg("", ["METHOD.TESTBED", "simclr", "METHOD.DISTILLERS", "[]"])
+    with pytest.raises(ValueError, match="not a registered distiller.*disco"):
+        setup_cfg("", ["METHOD.DISTILLERS", "['dsico']", "MODEL.TEACHER.WEIGHTS", "t.pth"])
+    with pytest.raises(ValueError, match="trains nothing"):
+        setup_cfg("", ["METHOD.TESTBED", "none", "METHOD.DISTILLERS", "[]"])
 
 
 def test_every_key_has_a_comment():
-    src = open(os.path.join(ROOT, "pretrain", "config.py")).read().splitlines()
-    keys = [ln for ln in src if ln.startswith("_C.") and " = CN()" not in ln]
-    uncommented = [ln for i, ln in enumerate(src) if ln in keys and "#" not in ln and not src[i - 1].startswith("#")]
-    assert keys and not uncommented
+    """The defaults of config.py and the keys every testbed / distiller adds (``cfg.X = value`` lines)."""
+    files = [os.path.join(ROOT, "pretrain", "config.py")] + sorted(
+        glob.glob(os.path.join(ROOT, "pretrain", "testbeds", "*.py")) +
+        glob.glob(os.path.join(ROOT, "pretrain", "distillers", "*.py")))
+    keys, uncommented = [], []
+    for path in files:
+        src = [ln.strip() for ln in open(path).read().splitlines()]
+        for i, ln in enumerate(src):
+            if ln.startswith(("_C.", "cfg.")) and " = " in ln and " = CN()" not in ln:
+                keys.append(ln)
+                if "#" not in ln and not src[i - 1].startswith("#"):
+                    uncommented.append(f"{os.path.basename(path)}: {ln}")
+    assert len(keys) > 50 and not uncommented
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "pretrain", "**", "*.yaml"),
@@ -51,5 +79,5 @@ def test_shipped_configs_load(path):
     from pretrain.backbones import BACKBONES
 
     assert cfg.MODEL.STUDENT.ARCH in BACKBONES and cfg.MODEL.TEACHER.ARCH in BACKBONES
-    if cfg.METHOD == "disco":
+    if "disco" in cfg.METHOD.DISTILLERS:
         assert cfg.MODEL.TEACHER.WEIGHTS and cfg.MODEL.STUDENT.HEAD.OUT_DIM == 128

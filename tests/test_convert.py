@@ -12,8 +12,8 @@ pytest.importorskip("detectron2")
 from detectron2.modeling import build_model  # noqa: E402
 
 import transfer.d2  # noqa: E402,F401  (registers the ROI heads and backbones)
-from pretrain.checkpoint import export_encoder  # noqa: E402
-from pretrain.model import build_encoder  # noqa: E402
+from pretrain.export import export_encoder  # noqa: E402
+from pretrain.encoder import build_encoder  # noqa: E402
 from transfer.convert import (convert_checkpoint, convert_resnet, convert_timm, read_checkpoint,  # noqa: E402
                               save_d2_checkpoint)
 from transfer.d2.config import get_cfg  # noqa: E402

@@ -12,7 +12,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import transfer.d2  # noqa: E402,F401  (registers the ROI heads and backbones)
-from pretrain.config import DuplicateKeyError  # noqa: E402
+from pretrain.cfgnode import DuplicateKeyError  # noqa: E402
 from transfer.d2.config import get_cfg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

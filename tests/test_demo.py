@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from pretrain.checkpoint import load_exported_backbone
+from pretrain.export import load_exported_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "student DisCo" in proc.stdout and "student MoCo-v2" in proc.stdout and "linear top-1" in proc.stdout
     res = json.loads((out / "results.json").read_text())
-    for name, method in (("teacher (MoCo-v2)", "moco"), ("student DisCo", "disco"), ("student MoCo-v2", "moco")):
+    for name, method in (("teacher (MoCo-v2)", "mocov2"), ("student DisCo", "mocov2 + disco"),
+                         ("student MoCo-v2", "mocov2")):
         r = res[name]
         assert r["method"] == method and 0 <= r["knn_top1"] <= r["knn_top5"] <= 100
         assert 0 <= r["linear_top1"] <= r["linear_top5"] <= 100

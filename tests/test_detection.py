@@ -103,7 +103,7 @@ def test_preempted_run_checkpoints_and_resumes(det_root, tmp_path):
     from detectron2.engine import HookBase
 
     from pretrain.launch import argument_parser
-    from pretrain.trainer import Preempted
+    from pretrain.preemption import Preempted
     from transfer.d2.train import Trainer, setup
 
     out = tmp_path / "pre"

@@ -23,7 +23,7 @@ def test_two_process_run_completes_and_ranks_agree(tmp_path, imagefolder, teache
     state, _ = Checkpointer(str(out)).load_latest()
     assert state["iter"] == 4  # 64 images / global batch 16
     # the queue holds the keys of both processes: 4 iterations x 16 keys fill all 64 slots, pointer back at 0
-    assert int(state["student"]["queue_ptr"]) == 0
+    assert int(state["model"]["testbed.queue_ptr"]) == 0
     assert os.path.isfile(out / "export" / "resnet18.pth")
     # DDP kept the replicas identical: both ranks log the same checksum of their final student parameters
     sums = []
@@ -37,8 +37,8 @@ def test_two_process_run_completes_and_ranks_agree(tmp_path, imagefolder, teache
 
 def build_model_params(state):
     """The saved student's parameters (state dict entries that are parameters, not buffers), in module order."""
-    from pretrain.model import build_encoder
+    from pretrain.encoder import build_encoder
 
     enc = build_encoder("resnet18", 64, 128)
     names = [n for n, _ in enc.named_parameters()]
-    return [(n, state["student"][f"encoder_q.{n}"]) for n in names]
+    return [(n, state["model"][f"student.{n}"]) for n in names]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import load_exported_backbone
-from transfer.knn import build_knn_loaders, knn_accuracy, knn_evaluate
+from pretrain.export import load_exported_backbone
+from pretrain.knn import KnnData, knn_accuracy, knn_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_cli_end_to_end_and_the_monitor_api(tmp_path, imagefolder, teacher_expor
     # the online monitor's entry points (pretrain/trainer.py) share the code: with the same transform (bicubic
     # resize to 32 / 0.875 = 37, centre crop 32) and the same class-balanced bank they give the same numbers
     backbone, _ = load_exported_backbone(teacher_export)
-    loaders = build_knn_loaders(str(imagefolder / "train"), str(imagefolder / "val"), 32, max_train_images=40)
-    acc = knn_evaluate(backbone, loaders, torch.device("cpu"), k=5, temperature=0.1)
-    assert len(loaders[0].dataset) == 40
+    data = KnnData(str(imagefolder / "train"), str(imagefolder / "val"), 32, max_train_images=40)
+    acc = knn_evaluate(backbone, data, torch.device("cpu"), k=5, temperature=0.1)
+    assert len(data.bank) == 40
     assert (round(acc["top1"], 3), round(acc["top5"], 3)) == (res["top1"], res["top5"])

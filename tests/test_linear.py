@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-from pretrain.checkpoint import export_encoder, read_backbone
-from pretrain.model import build_encoder
-from transfer.config import setup_cfg
-from transfer.linear import (EpochSampler, LinearEvaluator, changed_keys, frozen_state, load_backbone, lr_factor,
-                             summary_line)
+from pretrain.export import export_encoder
+from pretrain.formats import read_backbone
+from pretrain.encoder import build_encoder
+from transfer.common import EpochSampler, changed_keys, frozen_state, load_backbone
+from transfer.config import setup_eval_cfg
+from transfer.linear import LinearEvaluator, lr_factor, summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHERS_ONLY = {"resnet101", "resnet152", "resnet50x2"}  # teachers; resnet50 stays in (paper Figure 8)
@@ -30,7 +31,7 @@ def linear_opts(out, data, weights, **over):
 
 
 def cfg_of(*args, **kw):
-    return setup_cfg("", linear_opts(*args, **kw))
+    return setup_eval_cfg("", linear_opts(*args, **kw))
 
 
 def _cli(args, cwd=ROOT):
@@ -148,9 +149,9 @@ def test_every_student_architecture(tmp_path, imagefolder, arch):
 
 
 def test_schedules_and_sampler():
-    cfg = setup_cfg("", [])
+    cfg = setup_eval_cfg("", [])
     assert [lr_factor(cfg, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    cos = setup_cfg("", ["SOLVER.SCHEDULER", "cosine"])
+    cos = setup_eval_cfg("", ["SOLVER.SCHEDULER", "cosine"])
     assert lr_factor(cos, 0) == 1 and lr_factor(cos, 50) == pytest.approx(0.5) and lr_factor(cos, 99) < 0.001
     # two processes together cover the epoch exactly once (plus wrap-around padding) with equal shares
     a, b = EpochSampler(7, 0, 2, seed=1), EpochSampler(7, 1, 2, seed=1)
@@ -160,7 +161,7 @@ def test_schedules_and_sampler():
     one.set_epoch(1)
     assert one.indices() != EpochSampler(7, seed=1).indices()
     with pytest.raises(ValueError, match="CACHE_FEATURES needs DATA.TRAIN_AUGMENT False"):
-        setup_cfg("", ["SOLVER.CACHE_FEATURES", "True"])
+        setup_eval_cfg("", ["SOLVER.CACHE_FEATURES", "True"])
 
 
 @pytest.mark.parametrize("cached", [False, True])

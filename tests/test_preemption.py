@@ -54,7 +54,7 @@ def _wait_until(pred, proc, what, timeout=300):
 def _student(out):
     state, _ = Checkpointer(str(out)).load_latest()
     assert state["iter"] == ITERS
-    return state["student"], state["optimizer"]
+    return state["model"], state["optimizer"]
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def _iters(out) -> int:
 def _final_student(out, iters):
     state, _ = Checkpointer(str(out)).load_latest()
     assert state["iter"] == iters
-    return state["student"]
+    return state["model"]
 
 
 @pytest.fixture(scope="module")

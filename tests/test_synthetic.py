@@ -175,7 +175,8 @@ def test_empty_directory_is_filled(tmp_path: Path):
 def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(synthetic, "make_classification_image", broken)
+    # Patched where the ImageFolder writer looks it up (its module), not on the package's re-export.
+    monkeypatch.setattr(synthetic.imagefolder, "make_classification_image", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         write_imagefolder(tmp_path / "data", workers=1, **SMALL)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder

@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-import pretrain.engine
 from conftest import tiny_cfg
 from pretrain.checkpoint import Checkpointer
+from pretrain.model import Method
 from pretrain.trainer import Trainer
 
 
@@ -40,21 +40,22 @@ def test_stopped_and_resumed_run_is_bitwise_equal(tmp_path, imagefolder, teacher
     resumed.run()
     assert resumed.iter == full.iter == 16
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
-    for key in ("student", "optimizer", "scheduler", "teacher_buffers", "iter"):
+    for key in ("model", "optimizer", "scheduler", "teacher_buffers", "iter"):
         _assert_bitwise_equal(a[key], b[key], key)
     # metrics.jsonl of the resumed run has each iteration once, with the required fields
     recs = [json.loads(x) for x in open(tmp_path / "part" / "metrics.jsonl")]
     iters = [r["iter"] for r in recs if "loss" in r]
     assert iters == list(range(1, 17))
-    assert {"iter", "lr", "loss", "loss_dis", "loss_co"} <= set(recs[0])
-    assert all(r["loss_dis"] > 0 and r["loss_co"] > 0 for r in recs)
+    assert {"iter", "lr", "loss", "loss_disco", "loss_mocov2"} <= set(recs[0])
+    assert all(r["loss_disco"] > 0 and r["loss_mocov2"] > 0 for r in recs)
     # the export loads strictly in timm and reproduces the student backbone
     model = timm.create_model("resnet18", pretrained=False, num_classes=0, checkpoint_path=exports["backbone"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), full.model.student.encoder_q.backbone.eval()(x))
+        torch.testing.assert_close(model.eval()(x), full.model.student.backbone.eval()(x))
     meta = torch.load(exports["backbone"], weights_only=True)
     assert meta["teacher"]["weights"] == str(teacher_export) and meta["epoch"] == 2 and "DISCO" in meta["config"]
+    assert meta["method"] == "mocov2 + disco"
     assert os.path.isfile(tmp_path / "full" / "config.yaml")
 
 
@@ -66,15 +67,15 @@ def test_teacher_unchanged_and_queue_not_overwritten(tmp_path, imagefolder, teac
     resumed = Trainer(tiny_cfg(tmp_path / "run", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1}))
     resumed.setup()
     resumed.resume_or_start()
-    saved = _final_state(tmp_path / "run")["student"]
-    assert torch.equal(resumed.model.student.queue, saved["queue"])  # the resumed queue, not the teacher's
-    assert int(resumed.model.student.queue_ptr) == int(saved["queue_ptr"]) == (3 * 8) % 32
+    saved = _final_state(tmp_path / "run")["model"]
+    assert torch.equal(resumed.model.testbed.queue, saved["testbed.queue"])  # the resumed queue, not the teacher's
+    assert int(resumed.model.testbed.queue_ptr) == int(saved["testbed.queue_ptr"]) == (3 * 8) % 32
     for k, v in resumed.model.teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, monkeypatch):
-    real = pretrain.engine.view_losses
+    real = Method.losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -84,7 +85,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, mo
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(pretrain.engine, "view_losses", poisoned)
+    monkeypatch.setattr(Method, "losses", poisoned)
     cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"TRAIN.CHECKPOINT_PERIOD": 2})
     with pytest.raises(FloatingPointError, match=r"iteration 3.*model_0000002\.pth"):
         Trainer(cfg).run()
@@ -134,5 +135,24 @@ def test_export_from_checkpoint_cli(tmp_path, imagefolder):
                               checkpoint_path=str(tmp_path / "exp" / "resnet18.pth"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), t.model.student.encoder_q.backbone.eval()(x))
+        torch.testing.assert_close(model.eval()(x), t.model.student.backbone.eval()(x))
     assert torch.load(tmp_path / "exp" / "resnet18.pth", weights_only=True)["iteration"] == 2
+
+
+def test_checkpoint_of_an_earlier_version_resumes(tmp_path, imagefolder, teacher_export):
+    """A checkpoint written before methods were plug-ins (MoCo's ``student``: encoder_q / encoder_k / queue) resumes
+    into the mocov2 testbed and ends bitwise where an uninterrupted run ends."""
+    full = Trainer(tiny_cfg(tmp_path / "full", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1}))
+    full.run()
+    part = tiny_cfg(tmp_path / "old", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1, "TRAIN.STOP_AT_ITER": 3})
+    Trainer(part).run()
+    path = Checkpointer(str(tmp_path / "old")).list()[0]
+    state = torch.load(path, weights_only=False)
+    model = state.pop("model")
+    del state["format"]
+    state["student"] = {("encoder_q." + k[len("student."):]) if k.startswith("student.") else k[len("testbed."):]: v
+                        for k, v in model.items()}
+    assert {"encoder_k.backbone.conv1.weight", "queue", "queue_ptr", "encoder_q.head.0.weight"} <= set(state["student"])
+    torch.save(state, path)
+    Trainer(tiny_cfg(tmp_path / "old", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1})).run()
+    _assert_bitwise_equal(_final_state(tmp_path / "full")["model"], _final_state(tmp_path / "old")["model"])

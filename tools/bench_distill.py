@@ -9,10 +9,10 @@ is measured cleanly; all variants run in this one invocation on the same machine
 
 reference  the official DisCo-pytorch step: fp32, teacher BN in train mode, one teacher forward per view, an unused
            second teacher copy held in memory, sum-reduced MSE.
-ours       pretrain.engine.train_step on pretrain.model.DisCo: the teacher first (eval mode, one forward over both
-           views, no second copy, bf16 autocast), then one student view at a time; channels_last. The student runs
-           both in bf16 autocast and in fp32 ("ours-bf16" / "ours-fp32": on CPUs, depthwise-conv students such as
-           EfficientNet are faster in fp32); the faster is compared. ``--no-amp`` / ``--no-channels-last``.
+ours       pretrain.engine.train_step on pretrain.model.Method (mocov2 + disco): the teacher first (eval mode, one
+           forward over both views, no second copy, bf16 autocast), then one student view at a time; channels_last. The
+           student runs both in bf16 autocast and in fp32 ("ours-bf16" / "ours-fp32": on CPUs, depthwise-conv students
+           such as EfficientNet are faster in fp32); the faster is compared. ``--no-amp`` / ``--no-channels-last``.
 """
 import argparse
 import copy
@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 def reference_step_fn(teacher_arch, student_arch, queue_size, device):
     """The official training step, re-implemented (no code copied): returns step(view1, view2)."""
-    from pretrain.model import build_encoder
+    from pretrain.encoder import build_encoder
 
     enc_q = build_encoder(student_arch, 2048, 128).to(device)
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
@@ -75,21 +75,25 @@ def reference_step_fn(teacher_arch, student_arch, queue_size, device):
 
 
 def ours_step_fn(teacher_arch, student_arch, queue_size, device, amp, student_amp, channels_last):
+    from pretrain.distillers.disco import DisCo
+    from pretrain.encoder import build_encoder
     from pretrain.engine import train_step
-    from pretrain.model import DisCo, MoCoV2, build_encoder
+    from pretrain.model import Method
+    from pretrain.testbeds.mocov2 import MoCoV2
 
-    model = DisCo(MoCoV2(build_encoder(student_arch, 2048, 128), queue_size, 0.999),
-                  build_encoder(teacher_arch, 2048, 128), teacher_amp_dtype=torch.bfloat16 if amp else None).to(device)
+    student = build_encoder(student_arch, 2048, 128)
+    model = Method(student, MoCoV2(student, queue_size, 0.999), {"disco": DisCo(32.0)},
+                   build_encoder(teacher_arch, 2048, 128), teacher_amp_dtype=torch.bfloat16 if amp else None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.student.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
 
     def step(im_q, im_k):
         if channels_last:
             im_q = im_q.contiguous(memory_format=torch.channels_last)
             im_k = im_k.contiguous(memory_format=torch.channels_last)
-        return train_step(model, [im_q, im_k], opt, None, dis_weight=32.0, co_weight=1.0, temperature=0.2,
-                          amp_dtype=torch.bfloat16 if amp and student_amp else None)["loss"]
+        return train_step(model, [im_q, im_k], opt, None, amp_dtype=torch.bfloat16 if amp and student_amp else None
+                          )["loss"]
 
     return step
 
@@ -156,7 +160,7 @@ def step_flops(pair: str, batch: int, size: int) -> float:
     """FLOPs of one step of ours, from fvcore's counts: student fwd+bwd (x3) on 2 views, key fwd, teacher fwd x2."""
     from fvcore.nn import FlopCountAnalysis
 
-    from pretrain.model import build_encoder
+    from pretrain.encoder import build_encoder
 
     teacher, student = pair.split(":")
     x = torch.randn(1, 3, size, size)

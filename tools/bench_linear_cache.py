@@ -21,7 +21,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
 import torch  # noqa: E402
 
 from pretrain.synthetic import write_cifar  # noqa: E402
-from transfer.config import setup_cfg  # noqa: E402
+from transfer.config import setup_eval_cfg  # noqa: E402
 from transfer.linear import run_linear_probe  # noqa: E402
 
 ROOT = os.path.dirname(_TOOLS)
@@ -49,7 +49,7 @@ def main() -> None:
     results = {}
     for cached in (True, False):
         out = os.path.join(work, "cached" if cached else "uncached")
-        cfg = setup_cfg(os.path.join(ROOT, "configs/eval/cifar10.yaml"), [
+        cfg = setup_eval_cfg(os.path.join(ROOT, "configs/eval/cifar10.yaml"), [
             "OUTPUT_DIR", out, "MODEL.WEIGHTS", "random", "MODEL.ARCH", args.arch, "DATA.ROOT", data,
             "DATA.IMAGE_SIZE", str(args.image_size), "DATA.VAL_RESIZE", str(args.image_size), "DATA.NUM_WORKERS", "0",
             "SOLVER.EPOCHS", str(args.epochs), "SOLVER.STEPS", steps, "SOLVER.IMS_PER_BATCH", str(args.batch),

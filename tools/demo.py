@@ -29,12 +29,12 @@ if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
 import torch  # noqa: E402
 
 from pretrain.backbones import build_backbone  # noqa: E402
-from pretrain.checkpoint import load_exported_backbone  # noqa: E402
 from pretrain.config import setup_cfg  # noqa: E402
+from pretrain.export import load_exported_backbone  # noqa: E402
+from pretrain.knn import KnnData, knn_evaluate  # noqa: E402
 from pretrain.synthetic import write_imagefolder  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
-from transfer.config import setup_cfg as setup_eval_cfg  # noqa: E402
-from transfer.knn import build_knn_loaders, knn_evaluate  # noqa: E402
+from transfer.config import setup_eval_cfg  # noqa: E402
 from transfer.linear import run_linear_probe  # noqa: E402
 from transfer.plots import plot_training_curves  # noqa: E402
 from transfer.tsne import run_tsne  # noqa: E402
@@ -119,14 +119,13 @@ def main():
     disco, moco = train_side_by_side([disco_cfg, moco_cfg])
 
     print("[demo] 3/4 kNN evaluation on the held-out split", flush=True)
-    loaders = build_knn_loaders(os.path.join(data, "train"), os.path.join(data, "val"), args.image_size,
-                                batch_size=256)
+    knn_data = KnnData(os.path.join(data, "train"), os.path.join(data, "val"), args.image_size)
     rows = [("teacher (MoCo-v2)", teacher_cfg, teacher), ("student DisCo", disco_cfg, disco),
             ("student MoCo-v2", moco_cfg, moco)]
     results = {"data": {"root": data, **{k: info[k] for k in ("num_classes", "splits", "image_size", "seed")}}}
     for name, cfg, res in rows:
         backbone, meta = load_exported_backbone(res["export"])
-        acc = knn_evaluate(backbone, loaders, torch.device("cpu"), cfg.TEST.KNN.K, cfg.TEST.KNN.TEMPERATURE)
+        acc = knn_evaluate(backbone, knn_data, torch.device("cpu"), cfg.TEST.KNN.K, cfg.TEST.KNN.TEMPERATURE)
         params = sum(p.numel() for p in backbone.parameters()) / 1e6
         results[name] = {"arch": meta["arch"], "method": meta["method"], "params_m": round(params, 2),
                          "epochs": meta["epoch"], "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2),
@@ -137,7 +136,7 @@ def main():
     random_name, student_arch = "student random init", disco_cfg.MODEL.STUDENT.ARCH
     torch.manual_seed(0)
     backbone = build_backbone(student_arch)
-    acc = knn_evaluate(backbone, loaders, torch.device("cpu"), disco_cfg.TEST.KNN.K, disco_cfg.TEST.KNN.TEMPERATURE)
+    acc = knn_evaluate(backbone, knn_data, torch.device("cpu"), disco_cfg.TEST.KNN.K, disco_cfg.TEST.KNN.TEMPERATURE)
     results[random_name] = {"arch": student_arch, "method": "none", "epochs": 0,
                             "params_m": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 2),
                             "knn_top1": round(acc["top1"], 2), "knn_top5": round(acc["top5"], 2)}

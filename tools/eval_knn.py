@@ -16,8 +16,8 @@ if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
 from pretrain.launch import argument_parser, launch_main  # noqa: E402
-from transfer.config import setup_cfg  # noqa: E402
+from transfer.config import setup_eval_cfg  # noqa: E402
 from transfer.knn import run  # noqa: E402
 
 if __name__ == "__main__":
-    launch_main(run, argument_parser(__doc__).parse_args(), "eval_knn", lambda a: setup_cfg(a.config_file, a.opts))
+    launch_main(run, argument_parser(__doc__).parse_args(), "eval_knn", lambda a: setup_eval_cfg(a.config_file, a.opts))

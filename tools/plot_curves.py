@@ -12,7 +12,7 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from transfer.plots import labels_for, plot_training_curves  # noqa: E402
+from transfer.plots import labels_for, plan_panels, plot_training_curves, read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +25,10 @@ def main() -> None:
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
         p.error(f"give one distinct label per run ({len(args.runs)} runs, labels {labels})")
     first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(os.path.abspath(args.runs[0]))
-    out = plot_training_curves(dict(zip(labels, args.runs)), args.out or os.path.join(first, "curves.png"))
-    print(f"curves of {', '.join(labels)} -> {out}")
+    runs = dict(zip(labels, args.runs))
+    out = plot_training_curves(runs, args.out or os.path.join(first, "curves.png"))
+    panels = plan_panels({label: read_metrics(path) for label, path in runs.items()})
+    print(f"curves of {', '.join(labels)} -> {out} (panels: {', '.join(key for _, key, _, _ in panels)})")
 
 
 if __name__ == "__main__":

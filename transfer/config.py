@@ -1,12 +1,12 @@
 """The evaluators' configuration (linear, semi-supervised, CIFAR, kNN, t-SNE) and their command line.
 
 One config language with the pretrainer: an fvcore ``CfgNode`` that rejects duplicated yaml keys
-(:class:`pretrain.config.StrictYamlMixin`), ``_BASE_`` inheritance, trailing ``KEY VALUE`` overrides, and the resolved
+(:class:`pretrain.cfgnode.StrictYamlMixin`), ``_BASE_`` inheritance, trailing ``KEY VALUE`` overrides, and the resolved
 config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. The command line is detectron2's
 ``default_argument_parser`` plus the SLURM flags of :mod:`pretrain.slurm`, launched the way ``pretrain/launch.py``
 does (local, ``--num-gpus N`` processes, or ``--slurm``).
 """
-from pretrain.config import CfgNode, merge_and_freeze
+from pretrain.cfgnode import CfgNode, merge_and_freeze
 
 CN = CfgNode
 _C = CN()
@@ -70,12 +70,12 @@ _C.TSNE.COMPARE_ARCHS = ()  # their architectures, in the same order ("" or abse
 DATASETS = ("imagefolder", "cifar10", "cifar100")
 
 
-def get_cfg() -> CfgNode:
+def get_eval_cfg() -> CfgNode:
     """A fresh copy of the defaults above."""
     return _C.clone()
 
 
-def validate_cfg(cfg: CfgNode) -> None:
+def validate_eval_cfg(cfg: CfgNode) -> None:
     d, s = cfg.DATA, cfg.SOLVER
     if d.DATASET not in DATASETS:
         raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
@@ -102,6 +102,6 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ValueError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
 
 
-def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
+def setup_eval_cfg(config_file: str = "", opts=()) -> CfgNode:
     """defaults -> merge ``config_file`` (with its ``_BASE_`` chain) -> merge ``KEY VALUE`` ``opts`` -> freeze."""
-    return merge_and_freeze(get_cfg(), config_file, opts, validate_cfg)
+    return merge_and_freeze(get_eval_cfg(), config_file, opts, validate_eval_cfg)

@@ -16,7 +16,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from pretrain.checkpoint import arch_signature, key_mismatch, read_backbone, save_atomic
+from pretrain.checkpoint import key_mismatch, save_atomic
+from pretrain.formats import arch_signature, read_backbone
 
 LAYOUTS = ("C4", "FPN")
 AUTHOR = "disco-transfer"
@@ -211,7 +212,7 @@ def _check_arch(state_dict: Dict[str, torch.Tensor], arch: str, path: str) -> No
 
 
 def read_checkpoint(path: str, arch: Optional[str] = None):
-    """``pretrain.checkpoint.read_backbone`` plus the check that the backbone is exactly ``arch``'s."""
+    """``pretrain.formats.read_backbone`` plus the check that the backbone is exactly ``arch``'s."""
     ckpt = read_backbone(path, arch)
     if arch is not None and ckpt.metadata.get("arch") not in (None, arch):
         raise ValueError(f"{path} says it is a {ckpt.metadata['arch']} but --arch is {arch}")

@@ -12,6 +12,8 @@ to floating-point summation order.
 Runs are resumable (an atomic checkpoint of classifier, optimizer, scheduler, epoch and RNG after every epoch; a run
 always continues from the newest one in OUTPUT_DIR) and DDP-ready (each process takes its share of every batch; only
 the classifier is wrapped in DDP; metrics are summed across processes).
+
+The toolkit shared with the other evaluators (frozen backbone, datasets, transforms, sampler) is :mod:`transfer.common`.
 """
 import argparse
 import json
@@ -26,233 +28,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
+from torch.utils.data import DataLoader
 
 from pretrain import distributed as du
-from pretrain.backbones import build_backbone, get_spec
-from pretrain.checkpoint import Checkpointer, load_strict, read_backbone
-from pretrain.config import save_cfg
-from pretrain.data import ImageFolder, sample_seed
-from pretrain.trainer import setup_logging, truncate_metrics
+from pretrain.backbones import get_spec
+from pretrain.checkpoint import Checkpointer
+from pretrain.knn import backbone_features, extract_features
+from pretrain.precision import amp_dtype
+from pretrain.runlog import truncate_metrics
 
-from .config import CfgNode, setup_cfg
-from .knn import backbone_features
+from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
+                     load_backbone, start_run, topk_correct, train_transform)
+from .config import CfgNode, setup_eval_cfg
 
 logger = logging.getLogger("transfer")
 
 # ----------------------------------------------------------------------------------------------------------------
-# The frozen backbone
-
-
-def freeze(backbone: nn.Module) -> nn.Module:
-    """Eval mode (BatchNorm uses and keeps its running statistics) and no gradients, for good."""
-    backbone.eval()
-    backbone.requires_grad_(False)
-    return backbone
-
-
-def load_backbone(weights: str, arch: str = "", seed: int = 0) -> Tuple[nn.Module, dict]:
-    """A frozen backbone with ``weights`` loaded strictly (every backbone key must be in the checkpoint).
-
-    ``weights``: our export, an official MoCo-v1/v2 ``.pth.tar``, SwAV or DisCo-pytorch checkpoint (read by
-    :func:`pretrain.checkpoint.read_backbone`), or ``"random"`` for an untrained baseline of ``arch``.
-    ``arch`` "" takes the architecture the checkpoint names. Returns ``(backbone, info)`` with the arch, format and
-    the checkpoint entries deliberately not loaded (projection heads, MoCo queues, ...).
-    """
-    if not weights:
-        raise ValueError("MODEL.WEIGHTS is empty: point it at the backbone to evaluate (our export "
-                         "OUTPUT_DIR/export/<arch>.pth, a MoCo .pth.tar, SwAV or DisCo-pytorch checkpoint), or set "
-                         "MODEL.WEIGHTS random with MODEL.ARCH for an untrained baseline")
-    if weights == "random":
-        if not arch:
-            raise ValueError("MODEL.WEIGHTS random needs MODEL.ARCH (which architecture to initialise)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = build_backbone(arch)
-        return freeze(backbone), {"arch": arch, "format": "random", "weights": "random", "method": "",
-                                  "skipped": {}}
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
-    ckpt = read_backbone(weights, arch=arch or None)
-    backbone = build_backbone(ckpt.arch)
-    load_strict(backbone, ckpt.state_dict, f"backbone {weights} ({ckpt.format} format, arch {ckpt.arch})")
-    info = {"arch": ckpt.arch, "format": ckpt.format, "weights": os.path.abspath(weights),
-            "method": str(ckpt.metadata.get("method") or ""),
-            "skipped": {k: str(v) for k, v in dict(ckpt.skipped).items()}}
-    if info["skipped"]:
-        logger.info("%s: %d checkpoint entries not part of the backbone were left out: %s", weights,
-                    len(info["skipped"]), sorted(info["skipped"])[:8])
-    return freeze(backbone), info
-
-
-def amp_dtype_of(name: str) -> Optional[torch.dtype]:
-    return {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def _interpolation(name: str) -> T.InterpolationMode:
-    return {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[name]
-
-
-def eval_transform(cfg: CfgNode):
-    """Resize the shorter side to DATA.VAL_RESIZE, centre-crop DATA.IMAGE_SIZE (ImageNet: 256 / 224; CIFAR:
-    224 / 224, i.e. 32 -> 224 bicubic)."""
-    d = cfg.DATA
-    return T.Compose([T.Resize(d.VAL_RESIZE, interpolation=_interpolation(d.INTERPOLATION)),
-                      T.CenterCrop(d.IMAGE_SIZE), T.ToTensor(), T.Normalize(d.MEAN, d.STD)])
-
-
-def train_transform(cfg: CfgNode):
-    """RandomResizedCrop + horizontal flip (MoCo's lincls), or the evaluation transform without augmentation."""
-    d = cfg.DATA
-    if not d.TRAIN_AUGMENT:
-        return eval_transform(cfg)
-    return T.Compose([T.RandomResizedCrop(d.IMAGE_SIZE, interpolation=_interpolation(d.INTERPOLATION)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(d.MEAN, d.STD)])
-
-
-class TransformedDataset(Dataset):
-    """``(transform(base.load(i)), label)``. Keys are ``i`` or ``(epoch, i)``; with an epoch, the transform runs
-    under a torch RNG seeded from (seed, epoch, i), so augmentations do not depend on workers, processes or
-    resumption."""
-
-    def __init__(self, base, transform, seed: int = 0):
-        self.base, self.transform, self.seed = base, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        img = self.base.load(index)
-        if epoch is None:
-            return self.transform(img), self.base.targets[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(img), self.base.targets[index]
-
-
-class EpochSampler(Sampler):
-    """This process's share of one epoch as ``(epoch, index)`` keys.
-
-    The epoch's permutation depends only on (seed, epoch); it is padded by wrapping around to a multiple of the
-    number of processes (as ``DistributedSampler``), and process ``rank`` takes every ``world``-th entry, so all
-    processes run the same number of batches.
-    """
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
-        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> List[int]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(self.n)
-        order = order.tolist()
-        total = math.ceil(self.n / self.world) * self.world
-        order += order[:total - self.n]
-        return order[self.rank:total:self.world]
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world)
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in self.indices()])
-
-
-def dataset_name(cfg: CfgNode) -> str:
-    d = cfg.DATA
-    if d.NAME:
-        return d.NAME
-    if d.DATASET != "imagefolder":
-        return d.DATASET
-    train = os.path.normpath(os.path.abspath(d.TRAIN_DIR))
-    # /datasets/imagenet/train -> imagenet; a folder not called train names itself
-    return os.path.basename(os.path.dirname(train)) if os.path.basename(train) == "train" else os.path.basename(train)
-
-
-def build_datasets(cfg: CfgNode) -> Tuple[object, object, str]:
-    """(training split, possibly a subset; evaluation split; description of the training subset or "") without
-    transforms; both offer ``load(i)``, ``targets`` and ``classes``."""
-    from .cifar import CIFAR
-    from .semi import SubsetView, balanced_subset_indices, read_subset_list, subset_indices_from_list
-
-    d = cfg.DATA
-    if d.DATASET == "imagefolder":
-        for key, path in (("DATA.TRAIN_DIR", d.TRAIN_DIR), ("DATA.VAL_DIR", d.VAL_DIR)):
-            if not path:
-                raise ValueError(f"{key} is empty: set it to an ImageFolder root (e.g. /datasets/imagenet/"
-                                 f"{'train' if 'TRAIN' in key else 'val'})")
-        train, val = ImageFolder(d.TRAIN_DIR), ImageFolder(d.VAL_DIR)
-        if val.classes != train.classes:
-            raise ValueError(f"{d.VAL_DIR} and {d.TRAIN_DIR} have different class folders ({len(val.classes)} vs "
-                             f"{len(train.classes)}); a linear classifier needs the same classes in both")
-    else:
-        train, val = CIFAR(d.ROOT, d.DATASET, train=True), CIFAR(d.ROOT, d.DATASET, train=False)
-    subset = ""
-    if d.SUBSET_FILE:
-        names = read_subset_list(d.SUBSET_FILE)
-        train = SubsetView(train, subset_indices_from_list(train.samples, names, d.SUBSET_FILE))
-        subset = os.path.basename(d.SUBSET_FILE)
-    elif d.SUBSET_PERCENT or d.SUBSET_PER_CLASS:
-        train = SubsetView(train, balanced_subset_indices(train.targets, d.SUBSET_PERCENT, d.SUBSET_PER_CLASS,
-                                                          cfg.SEED))
-        subset = f"{d.SUBSET_PERCENT:g}%" if d.SUBSET_PERCENT else f"{d.SUBSET_PER_CLASS} per class"
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"empty split: {len(train)} training and {len(val)} evaluation images")
-    return train, val, subset
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-                     num_workers: int = 0, amp_dtype=None, channels_last: bool = False) -> torch.Tensor:
-    """Features (N x D float32, CPU) of every item of ``dataset`` (yielding ``(image, label)``), in dataset order.
-
-    With several processes each extracts an interleaved share and the shares are all-gathered, so every process
-    ends with all N rows.
-    """
-    rank, world, n = du.get_rank(), du.get_world_size(), len(dataset)
-    mine = list(range(rank, n, world))
-    per = math.ceil(n / world)
-    padded = mine + mine[:1] * (per - len(mine))  # equal lengths for all_gather; the padding is dropped below
-    loader = DataLoader(torch.utils.data.Subset(dataset, padded), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    feats = torch.cat([backbone_features(backbone, x.to(device, non_blocking=True), amp_dtype, channels_last).cpu()
-                       for x, _ in loader])
-    if world == 1:
-        return feats
-    out = torch.empty(n, feats.shape[1])
-    chunk = 8192  # gather in row chunks: bounded device memory for large datasets
-    for start in range(0, per, chunk):
-        part = du.concat_all_gather(feats[start:start + chunk].to(device)).cpu()  # world*rows x D, rank-major
-        rows = part.shape[0] // world
-        for r in range(world):
-            idx = torch.arange(r + start * world, min(n, r + (start + rows) * world), world)
-            out[idx] = part[r * rows:r * rows + len(idx)]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training and evaluation
-
-
-def start_run(cfg: CfgNode) -> torch.device:
-    """What every evaluator process does first: join the process group (if any), create OUTPUT_DIR, log to it, and
-    write the resolved config there (rank 0). Returns this process's device."""
-    device = du.init_distributed()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    setup_logging(cfg.OUTPUT_DIR, du.get_rank())
-    if du.is_main_process():
-        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-    return device
+# The classifier and its schedule
 
 
 def build_classifier(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -273,13 +65,6 @@ def lr_factor(cfg: CfgNode, epoch: int) -> float:
     return s.GAMMA ** sum(epoch >= step for step in s.STEPS)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[int, int]:
-    """(top-1 hits, top-5 hits); top-5 counts every sample when there are at most 5 classes."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == labels.view(-1, 1)
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
-
-
 class LinearEvaluator:
     """Train and evaluate a linear classifier on ``cfg.MODEL.WEIGHTS``' frozen features (see the module doc)."""
 
@@ -295,7 +80,7 @@ class LinearEvaluator:
             raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
                              f"{self.world} processes")
         self.t0 = time.perf_counter()
-        self.amp_dtype = amp_dtype_of(cfg.MODEL.AMP_DTYPE)
+        self.amp_dtype = amp_dtype(cfg.MODEL.AMP_DTYPE)
         self.backbone, self.info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
         self.backbone.to(self.device)
         if cfg.MODEL.CHANNELS_LAST:
@@ -304,7 +89,7 @@ class LinearEvaluator:
         self.feature_dim = get_spec(self.arch).feature_dim
         train, val, self.subset = build_datasets(cfg)
         self.train_set = TransformedDataset(train, train_transform(cfg), cfg.SEED)
-        self.val_set = TransformedDataset(val, eval_transform(cfg), cfg.SEED)
+        self.val_set = TransformedDataset(val, eval_transform_from_cfg(cfg), cfg.SEED)
         self.num_classes = len(train.classes)
         self.local_batch = cfg.SOLVER.IMS_PER_BATCH // self.world
         self.sampler = EpochSampler(len(train), self.rank, self.world, cfg.SEED)
@@ -521,7 +306,7 @@ def summary_line(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> Optional[dict]:
     """One process of ``tools/eval_linear.py`` (local, one of ``--num-gpus`` processes, or a SLURM task)."""
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_eval_cfg(args.config_file, args.opts)
     evaluator = LinearEvaluator(cfg, require_checkpoint=args.resume)
     return evaluator.eval_only() if args.eval_only else evaluator.run()
 
@@ -532,14 +317,3 @@ def run_linear_probe(cfg: CfgNode) -> dict:
     if out is None:
         raise RuntimeError(f"linear evaluation in {cfg.OUTPUT_DIR} stopped before the last epoch")
     return out
-
-
-def frozen_state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """A copy of every parameter and buffer (BN running statistics, counters), for bitwise comparisons."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed_keys(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> List[str]:
-    """Names whose tensors differ bitwise between two :func:`frozen_state` copies (or exist in only one)."""
-    return sorted(k for k in set(before) | set(after)
-                  if k not in before or k not in after or not torch.equal(before[k], after[k]))

@@ -1,18 +1,18 @@
 """Training curves of pretraining runs from their ``metrics.jsonl`` (what ``pretrain/trainer.py`` writes).
 
-Each line is one JSON object: training records ``{iter, epoch, lr, loss, loss_dis, loss_co, images_per_s,
-skipped_images}`` every ``TRAIN.LOG_PERIOD`` iterations, and kNN-monitor records ``{iter, epoch, knn_top1,
-knn_top5}``. A linear evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1]}``) plots too.
+Each line is one JSON object: training records ``{iter, epoch, lr, loss, loss_<term>..., images_per_s,
+skipped_images}`` every ``TRAIN.LOG_PERIOD`` iterations (one ``loss_<term>`` per term of the method: ``loss_mocov2``,
+``loss_disco``, ...; every one gets a panel), and kNN-monitor records ``{iter, epoch, knn_top1, knn_top5}``. A linear
+evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1]}``) plots too.
 """
 import json
 import os
 from typing import Dict, List, Sequence
 
-# (panel title, y key, x key); a panel is drawn when some run has that key
+# (panel title, y key, x key); a panel is drawn when some run has that key. Every loss_* term a run logged gets a
+# panel of its own after the total loss (loss_terms).
+LOSS_PANEL = ("total loss", "loss", "iter")
 PANELS = (
-    ("total loss", "loss", "iter"),
-    ("distillation loss L_dis", "loss_dis", "iter"),
-    ("contrastive loss L_co", "loss_co", "iter"),
     ("learning rate", "lr", "iter"),
     ("kNN top-1 (%)", "knn_top1", "epoch"),
     ("linear: train top-1 (%)", "train_top1", "epoch"),
@@ -40,6 +40,26 @@ def read_metrics(path: str) -> List[dict]:
     return records
 
 
+def loss_terms(runs) -> List[str]:
+    """Every ``loss_<term>`` key in the records of ``runs`` (lists of records), sorted."""
+    return sorted({k for recs in runs for r in recs for k in r if k.startswith("loss_")})
+
+
+def plan_panels(data: Dict[str, List[dict]]) -> List[tuple]:
+    """``(title, key, x, [(label, [(x, y), ...]), ...])`` for every panel with data, in drawing order: total loss,
+    each ``loss_*`` term, lr, kNN, linear evaluation. ``data``: label -> the run's records."""
+    panels = []
+    for title, key, x in (LOSS_PANEL, *((k, k, "iter") for k in loss_terms(data.values())), *PANELS):
+        series = []
+        for label, recs in data.items():
+            pts = [(r.get(x, r.get("epoch")), r[key]) for r in recs if key in r and r.get(key) is not None]
+            if pts and not (key.startswith("loss_") and all(y == 0 for _, y in pts)):  # a term a run did not have
+                series.append((label, pts))
+        if series:
+            panels.append((title, key, x, series))
+    return panels
+
+
 def plot_training_curves(runs: Dict[str, str], path: str) -> str:
     """One figure, one panel per quantity present (losses, lr, kNN top-1, ...), one line per run.
     ``runs``: label -> run dir or metrics.jsonl. ``x`` is the iteration for training records (the linear
@@ -49,16 +69,7 @@ def plot_training_curves(runs: Dict[str, str], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {label: read_metrics(p) for label, p in runs.items()}
-    panels = []
-    for title, key, x in PANELS:
-        series = []
-        for label, recs in data.items():
-            pts = [(r.get(x, r.get("epoch")), r[key]) for r in recs if key in r and r.get(key) is not None]
-            if pts and not (key == "loss_dis" and all(y == 0 for _, y in pts)):  # a MoCo-only run distils nothing
-                series.append((label, pts))
-        if series:
-            panels.append((title, key, x, series))
+    panels = plan_panels({label: read_metrics(p) for label, p in runs.items()})
     if not panels:
         raise ValueError(f"no plottable metric in {list(runs.values())} (expected keys like loss, lr, knn_top1)")
     cols = min(3, len(panels))

@@ -83,11 +83,11 @@ def panel_title(info: dict) -> str:
 
 def run(args) -> dict:
     """One process of ``tools/tsne.py``."""
-    from .config import setup_cfg
+    from .config import setup_eval_cfg
 
     if args.eval_only or args.resume:
         raise ValueError("t-SNE trains nothing: --eval-only / --resume do not apply")
-    return run_tsne(setup_cfg(args.config_file, args.opts))
+    return run_tsne(setup_eval_cfg(args.config_file, args.opts))
 
 
 def run_tsne(cfg) -> dict:
@@ -97,9 +97,11 @@ def run_tsne(cfg) -> dict:
     import time
 
     from pretrain import distributed as du
+    from pretrain.knn import extract_features
+    from pretrain.precision import amp_dtype
 
-    from .linear import (TransformedDataset, amp_dtype_of, build_datasets, dataset_name, eval_transform,
-                         extract_features, load_backbone, start_run)
+    from .common import (TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg, load_backbone,
+                         start_run)
     from .semi import SubsetView
 
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def run_tsne(cfg) -> dict:
     rank = du.get_rank()
     _, val, _ = build_datasets(cfg)
     idx, classes = select_tsne_indices(val.targets, cfg.TSNE.NUM_CLASSES, cfg.TSNE.PER_CLASS, cfg.SEED)
-    data = TransformedDataset(SubsetView(val, idx), eval_transform(cfg))
+    data = TransformedDataset(SubsetView(val, idx), eval_transform_from_cfg(cfg))
     labels = np.asarray([val.targets[i] for i in idx])
     models = [(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)] + [
         (w, cfg.TSNE.COMPARE_ARCHS[i] if i < len(cfg.TSNE.COMPARE_ARCHS) else "")
@@ -116,7 +118,7 @@ def run_tsne(cfg) -> dict:
     for i, (weights, arch) in enumerate(models):
         backbone, info = load_backbone(weights, arch, cfg.SEED)
         feats = extract_features(backbone.to(device), data, device, cfg.TEST.IMS_PER_BATCH, cfg.DATA.NUM_WORKERS,
-                                 amp_dtype_of(cfg.MODEL.AMP_DTYPE), cfg.MODEL.CHANNELS_LAST)
+                                 amp_dtype(cfg.MODEL.AMP_DTYPE), cfg.MODEL.CHANNELS_LAST)
         if rank != 0:
             continue
         emb = tsne_embed(feats, cfg.SEED, cfg.TSNE.PERPLEXITY)

@@ -6,7 +6,7 @@ of a ``_BASE_`` chain (PyYAML silently keeps the last one), with :func:`add_disc
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
-from pretrain.config import StrictYamlMixin
+from pretrain.cfgnode import StrictYamlMixin
 
 
 class CfgNode(StrictYamlMixin, _D2CfgNode):

@@ -1,8 +1,9 @@
 """detectron2 training / evaluation of converted students: what ``tools/train_net.py`` runs.
 
-The shape of detectron2's own ``train_net.py``: :func:`setup` (get_cfg -> our keys -> merge file -> merge opts ->
-datasets -> freeze -> default_setup) and a ``DefaultTrainer`` with VOC / COCO evaluators. Launching goes through the
-project's one mechanism (``pretrain.distributed``: ``env://`` processes locally, ``pretrain.slurm`` on SLURM), so
+The shape of detectron2's own ``train_net.py``: :func:`setup` (get_cfg with our keys -> the project's one config path,
+:func:`pretrain.cfgnode.merge_and_freeze`: merge file, merge opts, CPU fallback and datasets as its validate, freeze ->
+default_setup) and a ``DefaultTrainer`` with VOC / COCO evaluators. Launching goes through the project's one
+mechanism (``pretrain.distributed``: ``env://`` processes locally, ``pretrain.slurm`` on SLURM), so
 detection jobs get the same ``--slurm`` flags and preemption handling as pretraining: on SIGTERM / SIGUSR2 every
 process agrees to stop, rank 0 writes ``model_{iter}.pth`` at that iteration, and a requeued (or re-run, with
 ``--resume``) job continues from it.
@@ -11,11 +12,8 @@ import argparse
 import json
 import logging
 import os
-import signal
-import threading
 
 import torch
-import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
@@ -24,40 +22,29 @@ from detectron2.utils import comm
 
 import transfer.d2  # noqa: F401  (registers our ROI heads and backbones)
 from pretrain import distributed as du
+from pretrain.cfgnode import merge_and_freeze
 from pretrain.launch import launch_main
-from pretrain.trainer import Preempted
+from pretrain.preemption import Preempted, StopRequest
 from transfer.d2.config import get_cfg
 from transfer.d2.datasets import check_datasets, register_synthetic
 
-class PreemptionHook(HookBase):
-    """SIGTERM / SIGUSR2 (what SLURM sends before preempting or at the time limit): checkpoint the iteration that
-    just finished on every process's agreement, then raise :class:`Preempted` (the SLURM task requeues the job)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+class PreemptionHook(HookBase):
+    """The project's preemption protocol (:mod:`pretrain.preemption`) in detectron2's trainer: on SIGTERM / SIGUSR2
+    every process agrees to stop after the iteration that just finished, rank 0 saves ``model_{iter}.pth``, and
+    :class:`Preempted` is raised (a SLURM task requeues the job)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _request(self, signum=None, frame=None):
-        self.requested = True
+        self.stop = StopRequest()
 
     def before_train(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        self.stop.install()
 
     def after_train(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        self.stop.restore()
 
     def after_step(self):
-        flag = self.requested
-        if comm.get_world_size() > 1:
-            t = torch.tensor([float(flag)], device=next(self.trainer.model.parameters()).device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a signal that reached any process stops all of them
-            flag = t.item() > 0
-        if not flag:
+        if not self.stop.agreed(next(self.trainer.model.parameters()).device):
             return
         it = self.trainer.iter
         if comm.is_main_process():
@@ -85,24 +72,33 @@ class Trainer(DefaultTrainer):
         return super().build_hooks() + [PreemptionHook()]
 
 
-def setup(args: argparse.Namespace):
-    """The frozen config of a run, with its datasets registered and checked."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+def check_num_classes(cfg) -> None:
+    """MODEL.ROI_HEADS.NUM_CLASSES against the class list of every dataset of the run whose metadata is registered
+    (reads the catalog only: a dataset not registered yet is left to :func:`prepare_datasets`)."""
+    registered = set(MetadataCatalog.list())
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes", None) if name in registered else None
+        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise ValueError(f"dataset {name!r} has {len(classes)} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {len(classes)}")
+
+
+def prepare_datasets(cfg) -> None:
+    """The validate of :func:`setup` (before freezing, with side effects): MODEL.DEVICE falls back to the CPU without
+    CUDA, the synthetic sets of DATASETS.SYNTHETIC_ROOT are registered, and every dataset of the run is checked (known,
+    files present, NUM_CLASSES matching its classes)."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger(__name__).warning("no CUDA device: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if cfg.DATASETS.SYNTHETIC_ROOT:
         register_synthetic(cfg.DATASETS.SYNTHETIC_ROOT)
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise ValueError(f"dataset {name!r} has {len(classes)} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
-                             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {len(classes)}")
-    cfg.freeze()
+    check_num_classes(cfg)
+
+
+def setup(args: argparse.Namespace):
+    """The frozen config of a run, with its datasets registered and checked."""
+    cfg = merge_and_freeze(get_cfg(), args.config_file, args.opts, prepare_datasets)
     default_setup(cfg, args)
     return cfg
 
@@ -145,12 +141,10 @@ def run(args: argparse.Namespace):
 
 
 def load_cfg(args: argparse.Namespace):
-    """The merged config, without side effects (no datasets, no output folder): a bad config fails early."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
+    """The merged, frozen config, without side effects (no datasets registered, no output folder): a bad config
+    fails early. Only the checks that change nothing run here (:func:`check_num_classes` on the datasets already
+    known); :func:`setup` does the rest in every process."""
+    return merge_and_freeze(get_cfg(), args.config_file, args.opts, check_num_classes)
 
 
 def main(args: argparse.Namespace):

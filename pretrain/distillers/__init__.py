@@ -1,0 +1,7 @@
+"""Distillers: terms pulling the student towards a frozen teacher. Every module here is imported and registers its
+class in :data:`pretrain.methods.DISTILLERS`, so a new distiller is one file."""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
