@@ -3,6 +3,8 @@ inheritance, ``KEY VALUE`` overrides, and strict YAML: a file with a duplicated 
 keeps the last occurrence, which is how the official DisCo VOC config lost three keys).
 """
 import os
+import threading
+from typing import Callable, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
@@ -10,6 +12,10 @@ from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 class DuplicateKeyError(ValueError):
     pass
+
+
+class ConfigFileError(ValueError):
+    """A config file that is not valid YAML, not a mapping, or part of a cyclic ``_BASE_`` chain."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -30,26 +36,58 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def check_yaml_duplicates(filename: str) -> None:
-    """Raise :class:`DuplicateKeyError` naming the key and file if ``filename`` repeats a key at any level."""
+def check_yaml_duplicates(filename: str):
+    """Parse ``filename`` strictly and return its data. Raises :class:`DuplicateKeyError` naming the key and file if
+    it repeats a key at any level, :class:`ConfigFileError` naming the file and line for invalid YAML or a top level
+    that is not a ``KEY: value`` mapping."""
     with open(filename) as f:
         text = f.read()
     loader = _StrictLoader(text)
     loader.filename = filename
     try:
-        loader.get_single_data()
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise ConfigFileError(f"{filename}{where}: invalid YAML: {e.problem or e}{context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigFileError(f"{filename}: invalid YAML: {e}") from None
     finally:
         loader.dispose()
+    if not isinstance(data, dict):
+        got = "nothing (an empty file)" if data is None else f"a {type(data).__name__}"
+        raise ConfigFileError(f"{filename}: a config file must be a mapping of KEY: value, got {got}")
+    return data
+
+
+_LOADING = threading.local()  # the chain of files whose _BASE_ is being loaded (per thread)
 
 
 class StrictYamlMixin:
-    """Mix into any fvcore-derived CfgNode (ours, detectron2's) to reject duplicate keys in every file of a
-    ``_BASE_`` chain. fvcore's loader calls ``cls.load_yaml_with_base`` recursively for each base."""
+    """Mix into any fvcore-derived CfgNode (ours, detectron2's) to reject, in every file of a ``_BASE_`` chain,
+    duplicate keys, invalid YAML (naming file and line) and a cycle (naming its files). fvcore's loader calls
+    ``cls.load_yaml_with_base`` recursively for each base."""
 
     @classmethod
     def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
-        check_yaml_duplicates(filename)
-        return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        chain = getattr(_LOADING, "chain", None)
+        if chain is None:
+            chain = _LOADING.chain = []
+        remote = "://" in str(filename)
+        key = str(filename) if remote else os.path.realpath(filename)
+        if key in chain:
+            cycle = chain[chain.index(key):] + [key]
+            raise ConfigFileError("cyclic _BASE_ chain: " + " -> ".join(cycle) + "; remove one of these _BASE_ keys")
+        if chain and not remote and not os.path.isfile(filename):
+            raise FileNotFoundError(f"{filename}, the _BASE_ of {chain[-1]}, does not exist")
+        chain.append(key)
+        try:
+            if not remote:
+                check_yaml_duplicates(filename)
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        finally:
+            chain.pop()
 
 
 class CfgNode(StrictYamlMixin, _FvcoreCfgNode):
@@ -73,6 +111,44 @@ def merge_and_freeze(cfg: CfgNode, config_file: str, opts, validate) -> CfgNode:
     validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def cfg_value(cfg: CfgNode, key: str):
+    """``cfg_value(cfg, "SOLVER.EPOCHS")`` is ``cfg.SOLVER.EPOCHS``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _range_test(allowed: str) -> Callable[[float], bool]:
+    """``">= 1"``, ``"> 0"``, ``">= -1"``, ``"[0, 1]"``, ``"(0, 1]"``, ``"[0, 1)"`` -> a test of one number."""
+    if allowed[0] in "[(":
+        lo, hi = (float(x) for x in allowed[1:-1].split(","))
+        lo_ok = (lambda v: v >= lo) if allowed[0] == "[" else (lambda v: v > lo)
+        hi_ok = (lambda v: v <= hi) if allowed[-1] == "]" else (lambda v: v < hi)
+        return lambda v: lo_ok(v) and hi_ok(v)
+    op, bound = allowed.split()
+    bound = float(bound)
+    return {">=": lambda v: v >= bound, ">": lambda v: v > bound, "<=": lambda v: v <= bound,
+            "<": lambda v: v < bound}[op]
+
+
+RangeRule = Tuple[str, str, int]  # (key, allowed range, 0 for a number or the length of a sequence of numbers)
+
+
+def check_ranges(cfg: CfgNode, rules: Sequence[RangeRule]) -> None:
+    """Raise ``ValueError`` for the first key whose value is outside its range, e.g. ``SOLVER.EPOCHS 0 is out of
+    range: must be >= 1``. A rule with a length checks a sequence of that many numbers, each in the range."""
+    for key, allowed, length in rules:
+        value, test = cfg_value(cfg, key), _range_test(allowed)
+        allowed = allowed if allowed[0] in "<>" else f"in {allowed}"
+        if length:
+            if not isinstance(value, (list, tuple)) or len(value) != length:
+                raise ValueError(f"{key} {value!r} must be {length} numbers, each {allowed}")
+            if not all(isinstance(v, (int, float)) and test(v) for v in value):
+                raise ValueError(f"{key} {tuple(value)} is out of range: each value must be {allowed}")
+        elif not (isinstance(value, (int, float)) and test(value)):
+            raise ValueError(f"{key} {value!r} is out of range: must be {allowed}")
 
 
 def ints_as_floats(cfg: CfgNode, opts: list) -> list:

@@ -2,11 +2,15 @@
 Reading the checkpoint formats of other projects is :mod:`pretrain.formats`."""
 import glob
 import logging
+import math
 import os
 import re
+import zipfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .safeload import load_torch
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +33,55 @@ def save_atomic(obj, path: str, dump: Callable = torch.save) -> None:
             os.remove(tmp)
 
 
+class CorruptCheckpointError(ValueError):
+    pass
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise :class:`CorruptCheckpointError` if the bytes of ``path`` are not those that were written. A torch
+    checkpoint is a zip archive with a CRC-32 for every record (the pickle and each tensor's storage); torch does not
+    check them when loading, so flipped bytes inside a tensor would load silently. Files in torch's legacy (non-zip)
+    format carry no checksum and are not checked."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CorruptCheckpointError(f"{path} is damaged ({e})") from e
+    if bad is not None:
+        raise CorruptCheckpointError(f"{path} is damaged: the checksum of its record {bad!r} does not match the "
+                                     f"bytes (a disk or copy error)")
+
+
+def remove_orphaned_temp_files(*folders: str) -> List[str]:
+    """Delete ``*.tmp.<pid>`` files that :func:`save_atomic` leaves when a process is killed mid-save. Call it only
+    while holding the output folder (:mod:`pretrain.runlock`): no other writer can own them then."""
+    removed = []
+    for folder in folders:
+        for p in glob.glob(os.path.join(folder, "*.tmp.*")):
+            if re.search(r"\.tmp\.\d+$", p):
+                os.remove(p)
+                removed.append(p)
+    if removed:
+        logger.info("removed %d temp files of an interrupted save: %s", len(removed), removed)
+    return removed
+
+
 class Checkpointer:
-    """Iteration checkpoints ``OUTPUT_DIR/checkpoints/model_{iter:07d}.pth``; keeps the newest ``max_to_keep``."""
+    """Iteration checkpoints ``OUTPUT_DIR/checkpoints/model_{iter:07d}.pth``.
+
+    ``save`` keeps the newest ``max_to_keep`` (never deleting the one it just wrote; checkpoints numbered past it
+    belong to an abandoned continuation and are renamed ``*.superseded``). ``load_latest`` returns the newest
+    checkpoint that verifies and loads; with ``quarantine`` an unreadable or damaged one is renamed ``*.corrupt``
+    (with a warning), so it can never outrank the good ones again.
+    """
 
     def __init__(self, output_dir: str, max_to_keep: int = 3):
+        if max_to_keep < 1:
+            raise ValueError(f"TRAIN.MAX_TO_KEEP / SOLVER.MAX_TO_KEEP must be >= 1 (got {max_to_keep}): the checkpoint "
+                             f"just written is what a resumed run continues from")
         self.dir = os.path.join(output_dir, "checkpoints")
         self.max_to_keep = max_to_keep
 
@@ -48,19 +97,67 @@ class Checkpointer:
     def save(self, state: dict, iteration: int) -> str:
         path = self.path(iteration)
         save_atomic(state, path)
-        for old in self.list()[self.max_to_keep:]:
+        ckpts = self.list()
+        newer = ckpts[:ckpts.index(path)]
+        for p in newer:
+            self.set_aside(p, "superseded", f"it is past iteration {iteration}, where this run continued from")
+        for old in ckpts[ckpts.index(path) + self.max_to_keep:]:
             os.remove(old)
         return path
 
-    def load_latest(self) -> Tuple[Optional[dict], Optional[str]]:
-        """The newest checkpoint that loads; an unreadable one (e.g. truncated) is skipped with a warning."""
+    def set_aside(self, path: str, suffix: str, why: str) -> str:
+        """Rename ``path`` to ``path.<suffix>`` (out of :meth:`list`) with a warning saying ``why``."""
+        target = f"{path}.{suffix}"
+        os.replace(path, target)
+        logger.warning("moved %s aside to %s: %s", path, os.path.basename(target), why)
+        return target
+
+    def read(self, path: str) -> dict:
+        """Verify and load one checkpoint; raises on damage or unreadable contents."""
+        verify_checkpoint(path)
+        state = load_torch(path, "iteration checkpoint")  # refuses (raises) a pickle that would run code
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint")
+        return state
+
+    def load_latest(self, quarantine: bool = False) -> Tuple[Optional[dict], Optional[str]]:
+        """The newest checkpoint that verifies and loads, and its path; ``(None, None)`` when none does."""
         for path in self.list():
             try:
-                return torch.load(path, map_location="cpu", weights_only=False), path
-            except Exception as e:  # truncated / corrupted file: fall back to the previous one
-                logger.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path,
-                               type(e).__name__, e)
+                return self.read(path), path
+            except Exception as e:  # truncated / damaged / unsafe: fall back to the previous one
+                why = f"unreadable ({type(e).__name__}: {e})"
+                if quarantine:
+                    self.set_aside(path, "corrupt", why)
+                else:
+                    logger.warning("checkpoint %s is %s; trying the previous one", path, why)
         return None, None
+
+    def quarantine_nonfinite(self, iteration: int) -> Optional[str]:
+        """After a non-finite loss computed with the weights of ``iteration`` (steps done): move aside the
+        checkpoint of that iteration (continuing from it repeats the same loss, whatever the lr) and every newer one
+        whose weights have diverged (non-finite, or any magnitude above ``DIVERGED``: trained weights and BatchNorm
+        statistics are orders of magnitude smaller, and continuing from such weights overflows again even at a sane
+        lr); return the newest remaining checkpoint, or None."""
+        for path in self.list():
+            try:
+                state = self.read(path)
+            except Exception as e:
+                self.set_aside(path, "corrupt", f"unreadable ({type(e).__name__}: {e})")
+                continue
+            tensors = [v for v in state.get("model", state.get("student", {})).values()
+                       if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+            largest = max((t.abs().max().item() for t in tensors), default=0.0)
+            if state.get("iter") == iteration:
+                self.set_aside(path, "nonfinite", f"its weights give the non-finite loss of iteration {iteration + 1}")
+            elif not math.isfinite(largest) or largest > DIVERGED:
+                self.set_aside(path, "nonfinite", f"its weights have diverged (largest magnitude {largest:.3g})")
+            else:
+                return path
+        return None
+
+
+DIVERGED = 1e6  # a checkpoint with a weight or buffer larger than this in magnitude has diverged
 
 
 def key_mismatch(expected: Dict[str, Tuple[int, ...]], state_dict: Dict[str, torch.Tensor]

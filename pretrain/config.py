@@ -9,7 +9,7 @@ import os
 import pretrain.distillers  # noqa: F401  (registers every distiller)
 import pretrain.testbeds  # noqa: F401  (registers every testbed)
 
-from .cfgnode import CN, CfgNode, merge_and_freeze, save_cfg  # noqa: F401  (save_cfg: the pretrainer's API)
+from .cfgnode import CN, CfgNode, check_ranges, merge_and_freeze, save_cfg  # noqa: F401  (save_cfg: pretrainer API)
 from .methods import DISTILLERS, TESTBEDS
 
 
@@ -86,6 +86,13 @@ _C.TRAIN.MAX_TO_KEEP = 3  # newest iteration checkpoints kept on disk
 _C.TRAIN.LOG_PERIOD = 20  # iterations between metrics.jsonl / TensorBoard entries
 _C.TRAIN.STOP_AT_ITER = -1  # stop cleanly (checkpoint written) after this global iteration; -1 = run to the end
 _C.TRAIN.DETERMINISTIC = False  # torch.use_deterministic_algorithms; bitwise-reproducible resume on CPU
+_C.TRAIN.RESUME_CHANGED_CONFIG = False  # resume although keys outside SAFE_ON_RESUME differ from the checkpoint's
+
+# Keys (or whole nodes) that may differ between a checkpoint's config and the config that resumes it: they change
+# how the run is executed or watched, not what it computes. Any other difference stops the resume (pretrain.cfgdiff).
+SAFE_ON_RESUME = ("OUTPUT_DIR", "DATA.NUM_WORKERS", "DATA.VAL_DIR", "DATA.SKIP_CORRUPT", "TRAIN.LOG_PERIOD",
+                  "TRAIN.CHECKPOINT_PERIOD", "TRAIN.MAX_TO_KEEP", "TRAIN.STOP_AT_ITER", "TRAIN.DETERMINISTIC",
+                  "TRAIN.RESUME_CHANGED_CONFIG", "TEST")
 
 _C.TEST = CN()
 _C.TEST.KNN = CN()
@@ -117,6 +124,9 @@ def setup_cfg(config_file: str = "", opts=()) -> CfgNode:
 
 
 def validate_cfg(cfg: CfgNode) -> None:
+    """Refuse, naming the key, a config that cannot run: unknown method parts, out-of-range values
+    (:data:`VALUE_RANGES` and the parts' ``check_config``), inconsistent combinations."""
+    check_values(cfg)
     m = cfg.METHOD
     if m.TESTBED not in TESTBEDS:
         raise ValueError(f"METHOD.TESTBED {m.TESTBED!r} is not a registered testbed; use one of "
@@ -139,3 +149,53 @@ def validate_cfg(cfg: CfgNode) -> None:
     TESTBEDS.get(m.TESTBED).check_config(cfg)
     for name in m.DISTILLERS:
         DISTILLERS.get(name).check_config(cfg)
+
+
+# (key, allowed range, 0 or the number of values of a sequence key): every numeric key with a natural range; a
+# testbed's or distiller's own keys are checked by its check_config
+VALUE_RANGES = (
+    ("SEED", "[0, 4294967295]", 0),  # numpy's seed range
+    ("MODEL.STUDENT.HEAD.NUM_LAYERS", ">= 1", 0),
+    ("MODEL.STUDENT.HEAD.HIDDEN_DIM", ">= 1", 0),
+    ("MODEL.STUDENT.HEAD.OUT_DIM", ">= 1", 0),
+    ("DATA.IMAGE_SIZE", ">= 1", 0),
+    ("DATA.CROP_SCALE", "(0, 1]", 2),
+    ("DATA.BLUR_SIGMA", ">= 0", 2),
+    ("DATA.COLOR_JITTER", ">= 0", 4),
+    ("DATA.GRAYSCALE_P", "[0, 1]", 0),
+    ("DATA.NUM_WORKERS", ">= 0", 0),
+    ("DATA.MEAN", "[0, 1]", 3),
+    ("DATA.STD", "> 0", 3),
+    ("SOLVER.EPOCHS", ">= 1", 0),
+    ("SOLVER.IMS_PER_BATCH", ">= 1", 0),
+    ("SOLVER.BASE_LR", "> 0", 0),
+    ("SOLVER.REFERENCE_BATCH", ">= 1", 0),
+    ("SOLVER.MOMENTUM", "[0, 1)", 0),
+    ("SOLVER.WEIGHT_DECAY", ">= 0", 0),
+    ("SOLVER.WARMUP_EPOCHS", ">= 0", 0),
+    ("TRAIN.CHECKPOINT_PERIOD", ">= 1", 0),
+    ("TRAIN.MAX_TO_KEEP", ">= 1", 0),
+    ("TRAIN.LOG_PERIOD", ">= 1", 0),
+    ("TRAIN.STOP_AT_ITER", ">= -1", 0),
+    ("TEST.KNN.PERIOD", ">= -1", 0),
+    ("TEST.KNN.K", ">= 1", 0),
+    ("TEST.KNN.TEMPERATURE", "> 0", 0),
+    ("TEST.KNN.IMAGE_SIZE", ">= 1", 0),
+    ("TEST.KNN.MAX_TRAIN_IMAGES", ">= 0", 0),
+)
+
+
+def check_values(cfg: CfgNode) -> None:
+    """:data:`VALUE_RANGES` and the ranges that involve two values."""
+    if not cfg.OUTPUT_DIR:
+        raise ValueError("OUTPUT_DIR is empty: name the folder the run writes to")
+    check_ranges(cfg, VALUE_RANGES)
+    d, s = cfg.DATA, cfg.SOLVER
+    for key, (lo, hi) in (("DATA.CROP_SCALE", d.CROP_SCALE), ("DATA.BLUR_SIGMA", d.BLUR_SIGMA)):
+        if lo > hi:
+            raise ValueError(f"{key} {tuple((lo, hi))} must be (low, high) with low <= high")
+    if d.COLOR_JITTER[3] > 0.5:
+        raise ValueError(f"DATA.COLOR_JITTER {tuple(d.COLOR_JITTER)}: the hue jitter (4th value) must be in [0, 0.5]")
+    if s.WARMUP_EPOCHS > s.EPOCHS:
+        raise ValueError(f"SOLVER.WARMUP_EPOCHS {s.WARMUP_EPOCHS} is out of range: must be in [0, SOLVER.EPOCHS "
+                         f"{s.EPOCHS}]")

@@ -4,6 +4,7 @@ Augmentations are a pure function of (seed, epoch, image index): every sample's 
 seeded from those three numbers. A resumed run therefore sees exactly the views an uninterrupted run would, whatever
 the number of workers or processes.
 """
+import itertools
 import logging
 import os
 from typing import Callable, List, Sequence, Tuple
@@ -28,6 +29,10 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str, transform: Callable = None):
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(f"dataset folder {root!r} is a file, not a folder; point DATA.TRAIN_DIR / "
+                                     f"DATA.VAL_DIR at an ImageFolder root (<root>/<class>/<image>, e.g. "
+                                     f"imagenet/train)")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset folder {root!r} does not exist; point DATA.TRAIN_DIR / DATA.VAL_DIR at an "
                                     f"ImageFolder root (e.g. imagenet/train) or generate one with tools/make_data.py")
@@ -46,8 +51,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated / non-image / broken files
-            raise CorruptImageError(f"cannot read image {path}: {e}. Replace or delete the file, or set "
-                                    f"DATA.SKIP_CORRUPT True to skip unreadable images (they are counted in the log)") from e
+            raise CorruptImageError(f"cannot read image {path}: {e}. Replace or delete the file.") from e
 
     def __getitem__(self, index: int):
         img = self.load(index)
@@ -104,33 +108,39 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class MultiViewDataset(Dataset):
     """Two independently augmented views of one image, indexed by ``(epoch, index)``.
 
-    Returns ``((view1, view2), label, skipped)``; ``skipped`` counts unreadable images passed over to reach this one
-    (only with ``skip_corrupt``; otherwise an unreadable image raises :class:`CorruptImageError`).
+    Returns ``((view1, view2), label, skipped)``. An unreadable image raises :class:`CorruptImageError` (naming the
+    file and ``DATA.SKIP_CORRUPT``), or with ``skip_corrupt`` is replaced by the next readable image (a deterministic
+    substitute keeps batches full). ``skipped`` is 1 when this sample's own file is unreadable and ``epoch`` is the
+    first epoch that draws it, else 0: summed over a run (any number of workers and processes, resumed or not) it
+    counts each unreadable file drawn so far once. ``sampler`` (the run's :class:`ResumableSampler`) tells which
+    epoch first draws an image when the incomplete last batch is dropped; without it, epoch 0 is taken to draw all.
     """
 
     def __init__(self, base: ImageFolder, transform: Callable, seed: int, num_views: int = 2,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, sampler: "ResumableSampler" = None):
         self.base, self.transform, self.seed = base, transform, seed
-        self.num_views, self.skip_corrupt = num_views, skip_corrupt
+        self.num_views, self.skip_corrupt, self.sampler = num_views, skip_corrupt, sampler
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        skipped = 0
+        drawn, passed = index, 0
         while True:
             try:
                 img = self.base.load(index)
                 break
             except CorruptImageError as e:
                 if not self.skip_corrupt:
-                    raise
-                skipped += 1
+                    raise CorruptImageError(f"{e} Or set DATA.SKIP_CORRUPT True to skip unreadable images (counted "
+                                            f"in metrics.jsonl as skipped_images).") from e
+                passed += 1
                 logger.warning("skipping %s", e)
-                if skipped >= len(self.base):
+                if passed >= len(self.base):
                     raise CorruptImageError(f"no readable image in {self.base.root}") from e
                 index = (index + 1) % len(self.base)  # deterministic substitute keeps batches full
+        skipped = int(passed > 0 and epoch == (self.sampler.first_epoch(drawn) if self.sampler is not None else 0))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             views = tuple(self.transform(img) for _ in range(self.num_views))
@@ -156,19 +166,33 @@ class ResumableSampler(Sampler):
         self.n, self.total_batch, self.local_batch = dataset_len, total_batch, total_batch // world_size
         self.rank, self.seed, self.shuffle = rank, seed, shuffle
         self.epoch, self.start_iter = 0, 0
+        self._tails = {}  # epoch -> the indices it drops (first_epoch's cache)
 
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
         self.epoch, self.start_iter = epoch, start_iter
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def first_epoch(self, index: int) -> int:
+        """The first epoch whose batches (all processes') contain ``index``, i.e. it is not in the dropped tail; -1
+        when none does (``shuffle`` False and ``index`` in the tail). Only called for unreadable images."""
+        keep = self.iters_per_epoch * self.total_batch
+        if not self.shuffle:
+            return 0 if index < keep else -1
+        for epoch in itertools.count():
+            if epoch not in self._tails:
+                self._tails[epoch] = set(self._order(epoch)[keep:].tolist())
+            if index not in self._tails[epoch]:
+                return epoch
 
     def __len__(self) -> int:
         return (self.iters_per_epoch - self.start_iter) * self.local_batch
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
+        order = self._order(self.epoch)
         batches = order[:self.iters_per_epoch * self.total_batch].view(self.iters_per_epoch, self.total_batch)
         mine = batches[self.start_iter:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
         for index in mine.reshape(-1).tolist():

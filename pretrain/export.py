@@ -11,6 +11,7 @@ from .checkpoint import load_strict, save_atomic
 from .encoder import Encoder
 from .formats import EXPORT_FORMAT, method_description, read_backbone
 from .heads import build_head, infer_head_spec
+from .safeload import load_torch
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def export_encoder(encoder: Encoder, arch: str, out_dir: str, name: str, metadat
 
 def load_exported_backbone(path: str) -> Tuple[torch.nn.Module, dict]:
     """(backbone with the exported weights, metadata) from a ``{arch}.pth`` written by :func:`export_encoder`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch(path, "exported backbone")
     if not isinstance(ckpt, dict) or ckpt.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not an export of this project (no format {EXPORT_FORMAT!r})")
     backbone = build_backbone(ckpt["arch"])
@@ -61,7 +62,7 @@ def export_from_checkpoint(checkpoint: str, out_dir: str) -> Dict[str, str]:
     inside the checkpoint."""
     from fvcore.common.config import CfgNode
 
-    ckpt = read_backbone(checkpoint)
+    ckpt = read_backbone(checkpoint, what="pretraining checkpoint")
     if ckpt.format != "pretrain-checkpoint":
         raise ValueError(f"{checkpoint} is not a pretraining checkpoint of this project (it reads as {ckpt.format}); "
                          f"give OUTPUT_DIR/checkpoints/model_<iter>.pth")

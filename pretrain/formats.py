@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .backbones import BACKBONES, build_backbone
+from .safeload import load_torch
 
 EXPORT_FORMAT = "disco-transfer/v1"  # the "format" field of our exports (OUTPUT_DIR/export/<arch>.pth)
 
@@ -66,7 +67,7 @@ def _parse_checkpoint(ckpt, path: str) -> Tuple[str, Optional[str], Dict[str, to
         head_path = os.path.join(os.path.dirname(path), ckpt.get("head_file", ""))
         head = {}
         if ckpt.get("head_file") and os.path.isfile(head_path):
-            head = dict(torch.load(head_path, map_location="cpu", weights_only=True)["state_dict"])
+            head = dict(load_torch(head_path, "projection head file")["state_dict"])
         return "export", ckpt["arch"], dict(ckpt["state_dict"]), head, skipped, meta
     if isinstance(ckpt, dict) and "cfg" in ckpt and ("model" in ckpt or "student" in ckpt):
         # our iteration checkpoint (model_*.pth): the student is "student.*" of the method's state ("model"), or
@@ -152,14 +153,18 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> str:
                      f"keys and shapes; pass the architecture explicitly")
 
 
-def read_backbone(path: str, arch: Optional[str] = None) -> BackboneCheckpoint:
+def read_backbone(path: str, arch: Optional[str] = None, what: str = "checkpoint") -> BackboneCheckpoint:
     """Read the backbone (timm key names) and its head from any checkpoint format we know: our export and
     pretraining checkpoints, MoCo-v1/v2 and DisCo-pytorch ``.pth.tar`` (``module.encoder_q.*``), SwAV, and bare
     timm / torchvision state dicts. ``arch``: the registry name; default from the checkpoint, else inferred from the
-    keys and shapes. Nothing is loaded into a model here: use :func:`load_strict` (or the converters)."""
+    keys and shapes. Nothing is loaded into a model here: use :func:`load_strict` (or the converters).
+
+    The file is read with :func:`pretrain.safeload.load_torch` (``what`` names it in errors): only tensors, numbers,
+    strings, containers and the few plain types of the published formats; a checkpoint whose pickle asks for
+    anything else (code) raises :class:`pretrain.safeload.UnsafeCheckpointError` and nothing of it runs."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    ckpt = load_torch(path, what)
     fmt, found_arch, backbone, head, skipped, meta = _parse_checkpoint(ckpt, path)
     if arch is None:
         arch = found_arch if found_arch in BACKBONES else infer_arch(backbone)

@@ -4,7 +4,7 @@ The base of every evaluation: the pretrainer's online kNN monitor, the offline k
 feature cache and t-SNE all extract features with :func:`extract_features`.
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F

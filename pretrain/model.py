@@ -13,6 +13,7 @@ from .checkpoint import load_strict
 from .encoder import Encoder, build_student_encoder
 from .methods import DISTILLERS, TESTBEDS, Distiller, Testbed
 from .precision import amp_dtype
+from .safeload import load_torch
 from .teacher import load_teacher
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def build_method(cfg) -> Method:
     MODEL.TEACHER. Built in this order, so the same seed gives the same initial weights."""
     student = build_student_encoder(cfg)
     if cfg.MODEL.STUDENT.WEIGHTS:
-        sd = torch.load(cfg.MODEL.STUDENT.WEIGHTS, map_location="cpu", weights_only=True)
+        sd = load_torch(cfg.MODEL.STUDENT.WEIGHTS, "MODEL.STUDENT.WEIGHTS")
         load_strict(student.backbone, sd.get("state_dict", sd), f"student weights {cfg.MODEL.STUDENT.WEIGHTS}")
     testbed = TESTBEDS.get(cfg.METHOD.TESTBED).from_config(cfg, student)
     classes = [DISTILLERS.get(name) for name in cfg.METHOD.DISTILLERS]

@@ -25,12 +25,29 @@ def setup_logging(output_dir: str, rank: int) -> None:
 
 
 def truncate_metrics(output_dir: str, key: str, last: int) -> None:
-    """Drop the ``metrics.jsonl`` lines whose ``key`` (iter / epoch) is past the checkpoint a run resumed from:
-    the resumed run writes them again."""
+    """Keep the ``metrics.jsonl`` records up to ``key`` (iter / epoch) ``last``, where a run (re)starts: a resumed
+    run writes the later ones again. A torn last line (a kill during a write) is dropped with a warning; any other
+    line that is not JSON is an error naming it."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get(key, 0) <= last]
-    with open(path, "w") as f:
+        lines = f.read().split("\n")
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the write was cut off
+                logging.getLogger(__name__).warning("%s: dropping a torn last line (%d characters, a run killed "
+                                                    "while writing it)", path, len(line))
+                continue
+            raise ValueError(f"{path} line {i + 1} is not JSON ({e}); repair or delete that line") from e
+        if rec.get(key, 0) <= last:
+            keep.append(line + "\n")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
         f.writelines(keep)
+    os.replace(tmp, path)

@@ -17,8 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import distributed as du
+from .cfgdiff import check_resume, record_changes
 from .cfgnode import CfgNode, save_cfg
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, remove_orphaned_temp_files
+from .config import SAFE_ON_RESUME
 from .data import ImageFolder, MultiViewDataset, ResumableSampler, moco_v2_transform
 from .engine import train_step
 from .export import export_student
@@ -27,6 +29,7 @@ from .knn import KnnData
 from .model import Method, build_method
 from .precision import amp_dtype
 from .preemption import Preempted, StopRequest
+from .runlock import lock_output_dir
 from .runlog import setup_logging, truncate_metrics
 
 logger = logging.getLogger("pretrain")
@@ -54,9 +57,16 @@ class Trainer:
         self.device = du.init_distributed()
         self.rank, self.world = du.get_rank(), du.get_world_size()
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        self.lock = lock_output_dir(cfg.OUTPUT_DIR, "pretraining", self.device)
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         setup_logging(cfg.OUTPUT_DIR, self.rank)
-        if self.rank == 0:
-            save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
         if cfg.TRAIN.DETERMINISTIC:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.SEED)  # identical initial weights on every process
@@ -75,7 +85,7 @@ class Trainer:
         d = cfg.DATA
         transform = moco_v2_transform(d.IMAGE_SIZE, d.CROP_SCALE, d.BLUR_SIGMA, d.MEAN, d.STD, d.COLOR_JITTER,
                                       d.GRAYSCALE_P)
-        dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT)
+        dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT, sampler=self.sampler)
         self.loader = DataLoader(dataset, batch_size=self.sampler.local_batch, sampler=self.sampler, drop_last=True,
                                  num_workers=d.NUM_WORKERS, pin_memory=self.device.type == "cuda",
                                  persistent_workers=d.NUM_WORKERS > 0,
@@ -90,7 +100,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type ==
                                                   "cuda" else None) if self.world > 1 else self.model)
-        lr = cfg.SOLVER.BASE_LR * total_batch / cfg.SOLVER.REFERENCE_BATCH
+        self.base_lr = lr = cfg.SOLVER.BASE_LR * total_batch / cfg.SOLVER.REFERENCE_BATCH
         params = list(self.model.trainable_parameters())  # never the teacher or a momentum encoder
         if cfg.SOLVER.OPTIMIZER == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.SOLVER.MOMENTUM,
@@ -100,6 +110,8 @@ class Trainer:
                                                weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, cfg.TRAIN.MAX_TO_KEEP)
+        if self.rank == 0:  # this run holds the folder: temp files of a killed save / export are orphans
+            remove_orphaned_temp_files(self.checkpointer.dir, os.path.join(cfg.OUTPUT_DIR, "export"))
         self.iter, self.epoch, self.skipped_images = 0, 0, 0
 
         metrics = MetricsWriter(cfg.TRAIN.LOG_PERIOD)
@@ -160,6 +172,12 @@ class Trainer:
             self.model.teacher.load_state_dict(state["teacher_buffers"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule follows this config's SOLVER.BASE_LR (the loaded states carry the checkpoint's): identical
+        # values when it is unchanged, the new lr when a resume changes it on purpose (TRAIN.RESUME_CHANGED_CONFIG)
+        self.scheduler.base_lrs = [self.base_lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.base_lr
+            group["lr"] = self.base_lr * self.lr_factor(self.scheduler.last_epoch)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.iter, self.skipped_images = state["iter"], state["skipped_images"]
@@ -177,15 +195,26 @@ class Trainer:
         return path
 
     def resume_or_start(self) -> None:
-        state, path = self.checkpointer.load_latest()
+        """Continue from the newest readable checkpoint (unreadable ones are moved aside) if its config is this run's
+        (:mod:`pretrain.cfgdiff`), else start at iteration 0; then write ``config.yaml`` (what runs now) and drop
+        the ``metrics.jsonl`` records past the starting iteration."""
+        state, path = self.checkpointer.load_latest(quarantine=self.rank == 0)
         if state is None:
             if self.require_checkpoint:
                 raise FileNotFoundError(f"--resume: no readable checkpoint in {self.checkpointer.dir}")
             logger.info("no checkpoint in %s: starting from iteration 0", self.checkpointer.dir)
-            return
-        self.load_state_dict(state)
-        logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iter, self.iter // self.iters_per_epoch)
+        else:
+            changes = check_resume(_current_form(state["cfg"]), self.cfg, SAFE_ON_RESUME,
+                                   "TRAIN.RESUME_CHANGED_CONFIG", path)
+            self.load_state_dict(state)
+            logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iter,
+                        self.iter // self.iters_per_epoch)
+            if changes:
+                logger.warning("resumed with config changes: %s", {k: list(v) for k, v in changes.items()})
+                if self.rank == 0:
+                    record_changes(self.cfg.OUTPUT_DIR, self.iter, changes)
         if self.rank == 0:
+            save_cfg(self.cfg, os.path.join(self.cfg.OUTPUT_DIR, "config.yaml"))
             truncate_metrics(self.cfg.OUTPUT_DIR, "iter", self.iter)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -199,15 +228,25 @@ class Trainer:
         else:
             bad = not torch.isfinite(values).all().item()
         if bad:
-            last = self.checkpointer.list()
             shown = ", ".join(f"{k}={v.item()}" for k, v in zip(keys, values))
+            good = self.checkpointer.quarantine_nonfinite(self.iter) if self.rank == 0 else None
             raise FloatingPointError(
-                f"non-finite loss at iteration {self.iter} ({shown}); stopping without saving. The last good "
-                f"checkpoint is {last[0] if last else '(none yet)'}. Lower SOLVER.BASE_LR, or turn off "
-                f"TRAIN.AMP.ENABLED.")
+                f"non-finite loss at iteration {self.iter + 1} ({shown}); stopping without saving. "
+                + (f"The newest checkpoint whose weights have not diverged is {good} (newer ones were moved aside "
+                   f"as *.nonfinite); continue "
+                   f"from it with a lower SOLVER.BASE_LR (or TRAIN.AMP.ENABLED False) and "
+                   f"TRAIN.RESUME_CHANGED_CONFIG True, or start a new OUTPUT_DIR." if good else
+                   "No checkpoint before it is usable (the diverged ones were moved aside as *.nonfinite): rerun "
+                   "with a lower SOLVER.BASE_LR (or TRAIN.AMP.ENABLED False); the run starts over."))
 
     def run(self) -> Optional[Dict[str, str]]:
         self.setup()
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Optional[Dict[str, str]]:
         self.resume_or_start()
         cfg = self.cfg
         self.stop_at = min(cfg.TRAIN.STOP_AT_ITER if cfg.TRAIN.STOP_AT_ITER >= 0 else self.max_iter, self.max_iter)
@@ -254,14 +293,17 @@ class Trainer:
         """kNN accuracy of the newest checkpoint in OUTPUT_DIR (``--eval-only``)."""
         self.require_checkpoint = True
         self.setup()
-        self.resume_or_start()
-        if self.knn is None:
-            raise ValueError("--eval-only runs the kNN monitor: set DATA.VAL_DIR")
-        acc = self.knn.evaluate()
-        if self.rank == 0:
-            logger.info("iteration %d: kNN top-1 %.2f top-5 %.2f", self.iter, acc["top1"], acc["top5"])
-        du.barrier()
-        return acc
+        try:
+            self.resume_or_start()
+            if self.knn is None:
+                raise ValueError("--eval-only runs the kNN monitor: set DATA.VAL_DIR")
+            acc = self.knn.evaluate()
+            if self.rank == 0:
+                logger.info("iteration %d: kNN top-1 %.2f top-5 %.2f", self.iter, acc["top1"], acc["top5"])
+            du.barrier()
+            return acc
+        finally:
+            self.lock.release()
 
     def export(self) -> Dict[str, str]:
         paths = export_student(self.model.exported(), self.cfg, self.iter, self.iter // self.iters_per_epoch)
@@ -279,3 +321,12 @@ def _model_state_from_v1(state: dict, cfg: CfgNode) -> dict:
     for k, v in state["student"].items():
         out[("student." + k[len("encoder_q."):]) if k.startswith("encoder_q.") else f"testbed.{k}"] = v
     return out
+
+
+def _current_form(saved: str) -> str:
+    """A checkpoint's config dump in today's keys: ``METHOD: disco`` / ``moco`` of earlier versions becomes
+    ``METHOD.TESTBED mocov2`` + ``METHOD.DISTILLERS [disco]`` / ``[]`` (the same run)."""
+    cfg = CfgNode.load_cfg(saved)
+    if isinstance(cfg.get("METHOD"), str):
+        cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": ["disco"] if cfg.METHOD == "disco" else []})
+    return cfg.dump()

@@ -87,7 +87,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, mo
 
     monkeypatch.setattr(Method, "losses", poisoned)
     cfg = tiny_cfg(tmp_path / "run", imagefolder, **{"TRAIN.CHECKPOINT_PERIOD": 2})
-    with pytest.raises(FloatingPointError, match=r"iteration 3.*model_0000002\.pth"):
+    with pytest.raises(FloatingPointError, match=r"iteration 4.*model_0000002\.pth"):
         Trainer(cfg).run()
     assert [os.path.basename(p) for p in Checkpointer(str(tmp_path / "run")).list()] == ["model_0000002.pth"]
     assert _final_state(tmp_path / "run")["iter"] == 2

@@ -5,12 +5,13 @@ Read from a user path, never downloaded and not md5-checked (copies and the synt
 ``meta`` / ``batches.meta`` file, not from the variant's name.
 """
 import os
-import pickle
 from typing import List, Tuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from pretrain.safeload import UnsafeCheckpointError, load_pickle
 
 # variant -> (folder, training files, test files, meta file, label key, class-name key)
 LAYOUTS = {
@@ -41,11 +42,12 @@ def _unpickle(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CIFAR file {path} is missing; the folder must hold the whole official release "
                                 f"({os.path.basename(os.path.dirname(path))})")
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f, encoding="bytes")
-        except Exception as e:  # truncated download, wrong file
-            raise ValueError(f"cannot read CIFAR pickle {path}: {type(e).__name__}: {e}") from e
+    try:  # plain data only: a pickle that would run code is refused (pretrain.safeload)
+        return load_pickle(path, "CIFAR file", encoding="bytes")
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated download, wrong file
+        raise ValueError(f"cannot read CIFAR pickle {path}: {type(e).__name__}: {e}") from e
 
 
 def _get(d: dict, key: bytes, path: str):

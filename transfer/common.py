@@ -23,6 +23,7 @@ from pretrain.cfgnode import CfgNode, save_cfg
 from pretrain.checkpoint import load_strict
 from pretrain.data import INTERPOLATIONS, ImageFolder, eval_transform, sample_seed
 from pretrain.formats import read_backbone
+from pretrain.runlock import OutputDirLock, lock_output_dir
 from pretrain.runlog import setup_logging
 
 logger = logging.getLogger("transfer")
@@ -60,7 +61,7 @@ def load_backbone(weights: str, arch: str = "", seed: int = 0) -> Tuple[nn.Modul
                                   "skipped": {}}
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
-    ckpt = read_backbone(weights, arch=arch or None)
+    ckpt = read_backbone(weights, arch=arch or None, what="MODEL.WEIGHTS")
     backbone = build_backbone(ckpt.arch)
     load_strict(backbone, ckpt.state_dict, f"backbone {weights} ({ckpt.format} format, arch {ckpt.arch})")
     info = {"arch": ckpt.arch, "format": ckpt.format, "weights": os.path.abspath(weights),
@@ -167,9 +168,10 @@ def dataset_name(cfg: CfgNode) -> str:
     return os.path.basename(os.path.dirname(train)) if os.path.basename(train) == "train" else os.path.basename(train)
 
 
-def build_datasets(cfg: CfgNode) -> Tuple[object, object, str]:
+def build_datasets(cfg: CfgNode, evaluation: str = "") -> Tuple[object, object, str]:
     """(training split, possibly a subset; evaluation split; description of the training subset or "") without
-    transforms; both offer ``load(i)``, ``targets`` and ``classes``."""
+    transforms; both offer ``load(i)``, ``targets`` and ``classes``. ``evaluation`` names the caller in errors
+    (e.g. "kNN evaluation"; "" = "the evaluation")."""
     from .cifar import CIFAR
     from .semi import SubsetView, balanced_subset_indices, read_subset_list, subset_indices_from_list
 
@@ -181,8 +183,12 @@ def build_datasets(cfg: CfgNode) -> Tuple[object, object, str]:
                                  f"{'train' if 'TRAIN' in key else 'val'})")
         train, val = ImageFolder(d.TRAIN_DIR), ImageFolder(d.VAL_DIR)
         if val.classes != train.classes:
-            raise ValueError(f"{d.VAL_DIR} and {d.TRAIN_DIR} have different class folders ({len(val.classes)} vs "
-                             f"{len(train.classes)}); a linear classifier needs the same classes in both")
+            only_val = sorted(set(val.classes) - set(train.classes))
+            only_train = sorted(set(train.classes) - set(val.classes))
+            raise ValueError(f"DATA.VAL_DIR {d.VAL_DIR} and DATA.TRAIN_DIR {d.TRAIN_DIR} have different class folders "
+                             f"({len(val.classes)} vs {len(train.classes)}; only in VAL_DIR: {only_val[:5]}, only in "
+                             f"TRAIN_DIR: {only_train[:5]}); {evaluation or 'the evaluation'} labels the VAL_DIR "
+                             f"images with the classes of TRAIN_DIR, so both need the same class folders")
     else:
         train, val = CIFAR(d.ROOT, d.DATASET, train=True), CIFAR(d.ROOT, d.DATASET, train=False)
     subset = ""
@@ -203,15 +209,22 @@ def build_datasets(cfg: CfgNode) -> Tuple[object, object, str]:
 # Running an evaluator
 
 
-def start_run(cfg: CfgNode) -> torch.device:
-    """What every evaluator process does first: join the process group (if any), create OUTPUT_DIR, log to it, and
-    write the resolved config there (rank 0). Returns this process's device."""
+def start_run(cfg: CfgNode, what: str = "evaluation") -> torch.device:
+    """What every evaluator process does first: join the process group (if any), take OUTPUT_DIR's lock (one run per
+    folder, :mod:`pretrain.runlock`; :func:`end_run` releases it), log to it, and write the resolved config there
+    (rank 0). Returns this process's device."""
     device = du.init_distributed()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    lock_output_dir(cfg.OUTPUT_DIR, what, device)
     setup_logging(cfg.OUTPUT_DIR, du.get_rank())
     if du.is_main_process():
         save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     return device
+
+
+def end_run(cfg: CfgNode) -> None:
+    """Release OUTPUT_DIR's lock taken by :func:`start_run` (a no-op where this process holds none)."""
+    OutputDirLock(cfg.OUTPUT_DIR).release()
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[int, int]:

@@ -6,7 +6,7 @@ config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. 
 ``default_argument_parser`` plus the SLURM flags of :mod:`pretrain.slurm`, launched the way ``pretrain/launch.py``
 does (local, ``--num-gpus N`` processes, or ``--slurm``).
 """
-from pretrain.cfgnode import CfgNode, merge_and_freeze
+from pretrain.cfgnode import CfgNode, check_ranges, merge_and_freeze
 
 CN = CfgNode
 _C = CN()
@@ -75,8 +75,47 @@ def get_eval_cfg() -> CfgNode:
     return _C.clone()
 
 
+# (key, allowed range, 0 or the number of values of a sequence key): every numeric key with a natural range
+VALUE_RANGES = (
+    ("SEED", "[0, 4294967295]", 0),
+    ("DATA.SUBSET_PERCENT", "[0, 100]", 0),
+    ("DATA.SUBSET_PER_CLASS", ">= 0", 0),
+    ("DATA.IMAGE_SIZE", ">= 1", 0),
+    ("DATA.VAL_RESIZE", ">= 0", 0),
+    ("DATA.MEAN", "[0, 1]", 3),
+    ("DATA.STD", "> 0", 3),
+    ("DATA.NUM_WORKERS", ">= 0", 0),
+    ("SOLVER.EPOCHS", ">= 1", 0),
+    ("SOLVER.IMS_PER_BATCH", ">= 1", 0),
+    ("SOLVER.BASE_LR", "> 0", 0),
+    ("SOLVER.MOMENTUM", "[0, 1)", 0),
+    ("SOLVER.WEIGHT_DECAY", ">= 0", 0),
+    ("SOLVER.GAMMA", "(0, 1]", 0),
+    ("SOLVER.STOP_AT_EPOCH", ">= -1", 0),
+    ("SOLVER.CHECKPOINT_PERIOD", ">= 1", 0),
+    ("SOLVER.MAX_TO_KEEP", ">= 1", 0),
+    ("TEST.EVAL_PERIOD", ">= 0", 0),
+    ("TEST.IMS_PER_BATCH", ">= 1", 0),
+    ("KNN.K", ">= 1", 0),
+    ("KNN.TEMPERATURE", "> 0", 0),
+    ("KNN.MAX_TRAIN_IMAGES", ">= 0", 0),
+    ("TSNE.NUM_CLASSES", ">= 1", 0),
+    ("TSNE.PER_CLASS", ">= 1", 0),
+    ("TSNE.PERPLEXITY", "> 0", 0),
+)
+
+
 def validate_eval_cfg(cfg: CfgNode) -> None:
     d, s = cfg.DATA, cfg.SOLVER
+    if not cfg.OUTPUT_DIR:
+        raise ValueError("OUTPUT_DIR is empty: name the folder the evaluation writes to")
+    check_ranges(cfg, VALUE_RANGES)
+    if d.VAL_RESIZE and d.VAL_RESIZE < d.IMAGE_SIZE:
+        raise ValueError(f"DATA.VAL_RESIZE {d.VAL_RESIZE} is out of range: must be >= DATA.IMAGE_SIZE {d.IMAGE_SIZE} "
+                         f"(the centre crop is taken from the resized image), or 0 for IMAGE_SIZE / 0.875")
+    steps = list(s.STEPS)
+    if s.SCHEDULER == "multistep" and (not all(isinstance(x, int) and x >= 1 for x in steps) or steps != sorted(steps)):
+        raise ValueError(f"SOLVER.STEPS {tuple(steps)} is out of range: must be epochs >= 1 in ascending order")
     if d.DATASET not in DATASETS:
         raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
     if d.INTERPOLATION not in ("bilinear", "bicubic"):
@@ -94,10 +133,6 @@ def validate_eval_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"choose one way to take a training subset, got {' and '.join(chosen)}")
     if d.SUBSET_FILE and d.DATASET != "imagefolder":
         raise ValueError("DATA.SUBSET_FILE names ImageFolder files; for CIFAR use DATA.SUBSET_PERCENT / PER_CLASS")
-    if not 0 <= d.SUBSET_PERCENT <= 100:
-        raise ValueError(f"DATA.SUBSET_PERCENT must be in [0, 100], got {d.SUBSET_PERCENT}")
-    if s.CHECKPOINT_PERIOD < 1:
-        raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be >= 1 epoch, got {s.CHECKPOINT_PERIOD}")
     if len(cfg.TSNE.COMPARE_ARCHS) > len(cfg.TSNE.COMPARE_WEIGHTS):
         raise ValueError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
 

@@ -213,7 +213,7 @@ def _check_arch(state_dict: Dict[str, torch.Tensor], arch: str, path: str) -> No
 
 def read_checkpoint(path: str, arch: Optional[str] = None):
     """``pretrain.formats.read_backbone`` plus the check that the backbone is exactly ``arch``'s."""
-    ckpt = read_backbone(path, arch)
+    ckpt = read_backbone(path, arch, what="checkpoint to convert")
     if arch is not None and ckpt.metadata.get("arch") not in (None, arch):
         raise ValueError(f"{path} says it is a {ckpt.metadata['arch']} but --arch is {arch}")
     _check_arch(ckpt.state_dict, ckpt.arch, path)

@@ -26,6 +26,19 @@ def run(args) -> Dict:
     """One process of ``tools/eval_knn.py``: features of the (subset of the) training split and of the evaluation
     split with the evaluation transform (extracted by all processes together), weighted kNN on rank 0, then
     ``OUTPUT_DIR/results.json`` and one summary line."""
+    from .common import end_run
+    from .config import setup_eval_cfg
+
+    cfg = setup_eval_cfg(args.config_file, args.opts)
+    if args.eval_only or args.resume:
+        raise ValueError("kNN evaluation trains nothing: --eval-only / --resume do not apply")
+    try:
+        return _knn(cfg)
+    finally:
+        end_run(cfg)
+
+
+def _knn(cfg) -> Dict:
     import json
     import os
     import time
@@ -34,18 +47,14 @@ def run(args) -> Dict:
 
     from .common import (TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg, load_backbone,
                          start_run)
-    from .config import setup_eval_cfg
     from .semi import SubsetView
 
-    cfg = setup_eval_cfg(args.config_file, args.opts)
-    if args.eval_only or args.resume:
-        raise ValueError("kNN evaluation trains nothing: --eval-only / --resume do not apply")
     t0 = time.perf_counter()
-    device = start_run(cfg)
+    device = start_run(cfg, "kNN evaluation")
     rank = du.get_rank()
     backbone, info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
     backbone.to(device)
-    train, val, subset = build_datasets(cfg)
+    train, val, subset = build_datasets(cfg, "kNN evaluation")
     if cfg.KNN.MAX_TRAIN_IMAGES:
         train = SubsetView(train, balanced_subset(train.targets, cfg.KNN.MAX_TRAIN_IMAGES, cfg.SEED))
         subset = ", ".join(filter(None, [subset, f"{len(train)} class-balanced"]))

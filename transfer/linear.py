@@ -38,7 +38,7 @@ from pretrain.precision import amp_dtype
 from pretrain.runlog import truncate_metrics
 
 from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
-                     load_backbone, start_run, topk_correct, train_transform)
+                     end_run, load_backbone, start_run, topk_correct, train_transform)
 from .config import CfgNode, setup_eval_cfg
 
 logger = logging.getLogger("transfer")
@@ -74,7 +74,7 @@ class LinearEvaluator:
     # ------------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = start_run(cfg)
+        self.device = start_run(cfg, "linear evaluation")
         self.rank, self.world = du.get_rank(), du.get_world_size()
         if cfg.SOLVER.IMS_PER_BATCH % self.world:
             raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
@@ -87,7 +87,7 @@ class LinearEvaluator:
             self.backbone.to(memory_format=torch.channels_last)
         self.arch = self.info["arch"]
         self.feature_dim = get_spec(self.arch).feature_dim
-        train, val, self.subset = build_datasets(cfg)
+        train, val, self.subset = build_datasets(cfg, "linear evaluation")
         self.train_set = TransformedDataset(train, train_transform(cfg), cfg.SEED)
         self.val_set = TransformedDataset(val, eval_transform_from_cfg(cfg), cfg.SEED)
         self.num_classes = len(train.classes)
@@ -308,12 +308,18 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     """One process of ``tools/eval_linear.py`` (local, one of ``--num-gpus`` processes, or a SLURM task)."""
     cfg = setup_eval_cfg(args.config_file, args.opts)
     evaluator = LinearEvaluator(cfg, require_checkpoint=args.resume)
-    return evaluator.eval_only() if args.eval_only else evaluator.run()
+    try:
+        return evaluator.eval_only() if args.eval_only else evaluator.run()
+    finally:
+        end_run(cfg)
 
 
 def run_linear_probe(cfg: CfgNode) -> dict:
     """In-process helper (demo, benchmark): a complete run of ``cfg``; raises if it stopped early."""
-    out = LinearEvaluator(cfg).run()
+    try:
+        out = LinearEvaluator(cfg).run()
+    finally:
+        end_run(cfg)
     if out is None:
         raise RuntimeError(f"linear evaluation in {cfg.OUTPUT_DIR} stopped before the last epoch")
     return out

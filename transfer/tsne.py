@@ -94,6 +94,15 @@ def run_tsne(cfg) -> dict:
     """MODEL.WEIGHTS and TSNE.COMPARE_WEIGHTS, features of TSNE.NUM_CLASSES x TSNE.PER_CLASS evaluation images,
     one t-SNE panel each -> ``OUTPUT_DIR/tsne.png`` (+ ``tsne.npz`` and ``results.json``). All processes extract
     features together; rank 0 embeds and draws (t-SNE itself is single-process)."""
+    from .common import end_run
+
+    try:
+        return _tsne(cfg)
+    finally:
+        end_run(cfg)
+
+
+def _tsne(cfg) -> dict:
     import time
 
     from pretrain import distributed as du
@@ -105,9 +114,9 @@ def run_tsne(cfg) -> dict:
     from .semi import SubsetView
 
     t0 = time.perf_counter()
-    device = start_run(cfg)
+    device = start_run(cfg, "t-SNE")
     rank = du.get_rank()
-    _, val, _ = build_datasets(cfg)
+    _, val, _ = build_datasets(cfg, "t-SNE")
     idx, classes = select_tsne_indices(val.targets, cfg.TSNE.NUM_CLASSES, cfg.TSNE.PER_CLASS, cfg.SEED)
     data = TransformedDataset(SubsetView(val, idx), eval_transform_from_cfg(cfg))
     labels = np.asarray([val.targets[i] for i in idx])

@@ -1,5 +1,5 @@
 """DisCo (Gao et al., ECCV 2022): pull the student's final embedding of both views onto the frozen teacher's."""
-from ..cfgnode import CN
+from ..cfgnode import CN, check_ranges
 from ..losses import disco_loss
 from ..methods import DISTILLERS, Distiller
 
@@ -25,6 +25,12 @@ class DisCo(Distiller):
         # embeddings. The official code sums the MSE over its per-GPU batch (32 in the paper's 8x32 setting) and over
         # the 128 dims, i.e. 32 * mean_over_batch(...). WEIGHT 32 reproduces that whatever the per-GPU batch.
         cfg.LOSS.DISCO.WEIGHT = 32.0
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        check_ranges(cfg, (("LOSS.DISCO.WEIGHT", ">= 0", 0),))
+        if cfg.LOSS.DISCO.WEIGHT == 0 and cfg.METHOD.TESTBED == "none" and list(cfg.METHOD.DISTILLERS) == ["disco"]:
+            raise ValueError("METHOD.TESTBED none with only the disco distiller and LOSS.DISCO.WEIGHT 0 trains nothing")
 
     @classmethod
     def from_config(cls, cfg, student, teacher) -> "DisCo":

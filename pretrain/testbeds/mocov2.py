@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..cfgnode import CN
+from ..cfgnode import CN, check_ranges
 from ..distributed import broadcast_, concat_all_gather, get_rank, get_world_size
 from ..losses import infonce_loss
 from ..methods import TESTBEDS, Testbed
@@ -47,12 +47,18 @@ class MoCoV2(Testbed):
 
     @staticmethod
     def check_config(cfg) -> None:
+        check_ranges(cfg, (("MODEL.MOCO.QUEUE_SIZE", ">= 1", 0), ("MODEL.MOCO.MOMENTUM", "[0, 1]", 0),
+                           ("MODEL.MOCO.TEMPERATURE", "> 0", 0), ("MODEL.MOCO.BN_SPLITS", ">= 1", 0),
+                           ("LOSS.CONTRASTIVE.WEIGHT", ">= 0", 0)))
+        if cfg.MODEL.MOCO.SHUFFLE_BN and cfg.SOLVER.IMS_PER_BATCH % cfg.MODEL.MOCO.BN_SPLITS:
+            raise ValueError(f"MODEL.MOCO.BN_SPLITS {cfg.MODEL.MOCO.BN_SPLITS} must divide SOLVER.IMS_PER_BATCH "
+                             f"{cfg.SOLVER.IMS_PER_BATCH} (and each process's share of it)")
         if cfg.MODEL.MOCO.QUEUE_SIZE % cfg.SOLVER.IMS_PER_BATCH:
             raise ValueError(f"MODEL.MOCO.QUEUE_SIZE {cfg.MODEL.MOCO.QUEUE_SIZE} must be a multiple of "
                              f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} (the queue advances one global batch "
                              f"per step)")
-        if cfg.LOSS.CONTRASTIVE.WEIGHT <= 0 and not cfg.METHOD.DISTILLERS:
-            raise ValueError("METHOD.TESTBED mocov2 with LOSS.CONTRASTIVE.WEIGHT <= 0 and no distiller trains nothing")
+        if cfg.LOSS.CONTRASTIVE.WEIGHT == 0 and not cfg.METHOD.DISTILLERS:
+            raise ValueError("METHOD.TESTBED mocov2 with LOSS.CONTRASTIVE.WEIGHT 0 and no distiller trains nothing")
 
     @classmethod
     def from_config(cls, cfg, student) -> "MoCoV2":

@@ -14,7 +14,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
@@ -25,8 +24,10 @@ from pretrain import distributed as du
 from pretrain.cfgnode import merge_and_freeze
 from pretrain.launch import launch_main
 from pretrain.preemption import Preempted, StopRequest
+from pretrain.runlock import OutputDirLock, lock_output_dir
 from transfer.d2.config import get_cfg
 from transfer.d2.datasets import check_datasets, register_synthetic
+from transfer.d2.weights import SafeDetectionCheckpointer
 
 
 class PreemptionHook(HookBase):
@@ -56,7 +57,9 @@ class PreemptionHook(HookBase):
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with the VOC / COCO evaluators and the preemption hook."""
+    """detectron2's DefaultTrainer with the VOC / COCO evaluators, the preemption hook and
+    :class:`~transfer.d2.weights.SafeDetectionCheckpointer` (MODEL.WEIGHTS and resumed checkpoints are read without
+    running code from them; weights that fill no pretrained parameter are an error)."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -69,6 +72,10 @@ class Trainer(DefaultTrainer):
                                   f"VOC and COCO are supported")
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ builds its DetectionCheckpointer, then the hooks (the periodic checkpointer holds
+        # it): swap in the safe one first, so every load and save goes through a single checkpointer
+        if not isinstance(self.checkpointer, SafeDetectionCheckpointer):
+            self.checkpointer = SafeDetectionCheckpointer.replacing(self.checkpointer)
         return super().build_hooks() + [PreemptionHook()]
 
 
@@ -97,8 +104,11 @@ def prepare_datasets(cfg) -> None:
 
 
 def setup(args: argparse.Namespace):
-    """The frozen config of a run, with its datasets registered and checked."""
+    """The frozen config of a run, with its datasets registered and checked, and OUTPUT_DIR locked for this run
+    (one run per folder, :mod:`pretrain.runlock`; released by :func:`run`) before detectron2 writes there."""
     cfg = merge_and_freeze(get_cfg(), args.config_file, args.opts, prepare_datasets)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    lock_output_dir(cfg.OUTPUT_DIR, "detection", device)
     default_setup(cfg, args)
     return cfg
 
@@ -129,15 +139,19 @@ def run(args: argparse.Namespace):
     if du.is_dist() and comm._LOCAL_PROCESS_GROUP is None:
         comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", du.get_world_size())))
     cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return _finish(cfg, Trainer.test(cfg, model))
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    # DefaultTrainer keeps the final evaluation (its EvalHook runs one after the last iteration) here
-    return _finish(cfg, getattr(trainer, "_last_eval_results", None))
+    try:
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            return _finish(cfg, Trainer.test(cfg, model))
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        # DefaultTrainer keeps the final evaluation (its EvalHook runs one after the last iteration) here
+        return _finish(cfg, getattr(trainer, "_last_eval_results", None))
+    finally:
+        OutputDirLock(cfg.OUTPUT_DIR).release()
 
 
 def load_cfg(args: argparse.Namespace):

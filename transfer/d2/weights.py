@@ -2,16 +2,22 @@
 
 A pretrained key (anything in the backbone or the C4 ROI stage ``roi_heads.res5``) that does not load is an error;
 keys the student never had (RPN, box predictor, mask head, FPN convs, the extra norm) are listed as new.
+
+Every detectron2 entry point of the project (the check here, ``tools/train_net.py`` training and ``--eval-only``)
+loads weights with :class:`SafeDetectionCheckpointer`: files are read through :mod:`pretrain.safeload` (a ``.pkl``
+that asks for anything but plain data / numpy arrays is refused, never executed), and weights that fill none of the
+model's pretrained parameters are an error (``MODEL.WEIGHTS ""`` is how to train from scratch).
 """
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
+from pretrain.safeload import load_pickle, load_torch
 from transfer.convert import Conversion, convert_read, read_checkpoint, save_d2_checkpoint
 
 # Default detection config per student: the VOC C4 24k leaf (relative to the repository root).
@@ -28,6 +34,98 @@ PRETRAINED_PREFIXES = {"C4": ("backbone.", "roi_heads.res5."), "FPN": ("backbone
 # New layers inside the pretrained parts: MoCo's extra norm after res5 (Res5ROIHeadsExtraNorm).
 NEW_INSIDE_PRETRAINED = ("roi_heads.res5.norm.",)
 _BN_COUNTER = "num_batches_tracked"
+
+
+class NoPretrainedWeightsError(ValueError):
+    """Weights (``MODEL.WEIGHTS``) of which not one fills a pretrained parameter of the model."""
+
+
+def _no_weights(path: str, why: str) -> NoPretrainedWeightsError:
+    return NoPretrainedWeightsError(
+        f"MODEL.WEIGHTS {path}: {why}, so no parameter of the backbone / ROI stage (res5) would come from it and the "
+        f"detector would silently start from random weights. Point MODEL.WEIGHTS at the .pkl tools/convert_to_d2.py "
+        f"wrote for this config; to train from scratch on purpose, set MODEL.WEIGHTS \"\" (detectron2's way).")
+
+
+def _d2_pickle_checkpoint(data, path: str) -> dict:
+    """What detectron2's ``DetectionCheckpointer._load_file`` makes of an unpickled ``.pkl`` (detectron2 format:
+    ``{"model", "__author__", ...}`` as is; else Caffe2 / Detectron blobs, ``*_momentum`` dropped, matched by
+    heuristics), checked to hold at least one weight array and nothing but arrays."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: detectron2 weights are a dict ({{'model': {{name: array}}, '__author__': ...}}); "
+                         f"this pickle holds a {type(data).__name__}")
+    if "model" in data and "__author__" in data:
+        ckpt = data
+    elif isinstance(data.get("model"), dict):  # detectron2 would take it for Caffe2 blobs and fail on the dict
+        if not any(isinstance(v, (np.ndarray, torch.Tensor)) for v in data["model"].values()):
+            raise _no_weights(path, f"its 'model' dict holds no weight array ({len(data['model'])} entries)")
+        raise ValueError(f"{path}: has a 'model' dict but no '__author__', so detectron2 would read it as Caffe2 "
+                         f"blobs; write it as tools/convert_to_d2.py does ('model', '__author__', "
+                         f"'matching_heuristics')")
+    else:
+        blobs = data["blobs"] if "blobs" in data else data  # Detectron detection models keep theirs in "blobs"
+        ckpt = {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")}, "__author__": "Caffe2",
+                "matching_heuristics": True}
+    weights = ckpt["model"]
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: its 'model' entry is a {type(weights).__name__}, not a dict of weight arrays")
+    others = sorted(k for k, v in weights.items() if not isinstance(v, (np.ndarray, torch.Tensor)))
+    if len(others) == len(weights):
+        raise _no_weights(path, f"the file holds no weight array ({len(weights)} entries in its weights dict)")
+    if others:
+        raise ValueError(f"{path}: weights must be arrays; {len(others)} entries are not: "
+                         f"{[(k, type(weights[k]).__name__) for k in others[:5]]}")
+    return ckpt
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` with every file read through :mod:`pretrain.safeload` (``.pkl`` with
+    :func:`~pretrain.safeload.load_pickle`, ``.pth`` / ``.pyth`` / others with
+    :func:`~pretrain.safeload.load_torch`), and loading that fills none of the model's pretrained parameters
+    (backbone, ``roi_heads.res5``) refused with :class:`NoPretrainedWeightsError`."""
+
+    PRETRAINED = tuple(sorted({p for prefixes in PRETRAINED_PREFIXES.values() for p in prefixes}))
+
+    @classmethod
+    def replacing(cls, other: DetectionCheckpointer) -> "SafeDetectionCheckpointer":
+        """The same checkpointer (model, folder, checkpointables such as detectron2's trainer) as ``other``."""
+        return cls(other.model, other.save_dir, save_to_disk=other.save_to_disk, **other.checkpointables)
+
+    def load(self, path, *args, **kwargs):
+        self._safe_path = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._safe_path = None
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            return _d2_pickle_checkpoint(load_pickle(filename, "detectron2 weights"), filename)
+        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it
+            data = load_torch(filename, "pycls checkpoint")
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise ValueError(f"cannot load .pyth file {filename}; pycls checkpoints must contain 'model_state'")
+            return {"model": {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)  # detectron2's URL-query handling; it reads through _torch_load
+
+    def _torch_load(self, f):
+        return load_torch(f, "detectron2 checkpoint")
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        missing = set(incompatible.missing_keys)
+        # parameters, not buffers: FrozenBatchNorm2d fills running statistics a file lacks with defaults, so
+        # they never show as missing
+        pretrained = [k for k, _ in self.model.named_parameters()
+                      if k.startswith(self.PRETRAINED) and not k.startswith(NEW_INSIDE_PRETRAINED)]
+        if pretrained and all(k in missing for k in pretrained):
+            shapes = (f"; {len(incompatible.incorrect_shapes)} had the wrong shape, e.g. "
+                      f"{incompatible.incorrect_shapes[:3]}" if incompatible.incorrect_shapes else "")
+            raise _no_weights(getattr(self, "_safe_path", None) or "(file)",
+                              f"none of its keys matches the {len(pretrained)} backbone / ROI-stage parameters of "
+                              f"the model (unexpected keys: {sorted(incompatible.unexpected_keys)[:5]}{shapes})")
+        return incompatible
 
 
 def default_config(arch: str) -> str:
@@ -95,8 +193,7 @@ def check_pretrained_load(model: nn.Module, path: str, layout: str,
     """
     if layout not in PRETRAINED_PREFIXES:
         raise ValueError(f"layout {layout!r}: expected one of {tuple(PRETRAINED_PREFIXES)}")
-    with open(path, "rb") as f:
-        ckpt = pickle.load(f, encoding="latin1")
+    ckpt = load_pickle(path, "converted detectron2 weights")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "__author__" not in ckpt:
         raise ValueError(f"{path} is not a converted detectron2 checkpoint (no 'model' / '__author__')")
     weights = {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
@@ -119,7 +216,7 @@ def check_pretrained_load(model: nn.Module, path: str, layout: str,
                 report.errors[k] = "unexpected: the model has no such key"
     if report.errors:
         return report
-    DetectionCheckpointer(model).load(path)
+    SafeDetectionCheckpointer(model).load(path)
     after = model.state_dict()
     for k, w in weights.items():
         if k not in after:
