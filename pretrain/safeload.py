@@ -1,7 +1,7 @@
 """The one way this project reads a checkpoint file: nothing in a checkpoint can run code.
 
 A pickle can name any importable callable (``os.system``, ``builtins.exec``, ...) and have the unpickler call it, so
-``torch.load(weights_only=False)`` / ``pickle.load`` on a downloaded ``.pth`` / ``.pkl`` runs whatever its author
+an unrestricted ``torch.load`` or plain ``pickle`` load of a downloaded ``.pth`` / ``.pkl`` runs whatever its author
 wanted. Here:
 
 - :func:`load_torch` reads ``torch.save`` files (zip and legacy format) with ``torch.load(weights_only=True)``: tensors,
@@ -144,8 +144,8 @@ def _unsafe(path: str, what: str, name: str, resave: str) -> UnsafeCheckpointErr
         f"and give that file instead.", path, name)
 
 
-_TORCH_RESAVE = ("`torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'clean.pth')` (in a Python "
-                 "session you trust; keep only tensors, numbers and strings)")
+_TORCH_RESAVE = ("`torch.save(state_dict, 'clean.pth')` after loading it without the weights-only restriction in a "
+                 "Python session you trust (keep only tensors, numbers and strings)")
 _PICKLE_RESAVE = ("`pickle.dump({'model': {k: numpy array}, '__author__': ..., 'matching_heuristics': ...}, f)` "
                   "(in a Python session you trust; plain dicts of numpy arrays only)")
 

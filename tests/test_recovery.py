@@ -10,11 +10,11 @@ import time
 import zipfile
 
 import pytest
-import torch
 
 from conftest import tiny_cfg
 from pretrain.checkpoint import Checkpointer, CorruptCheckpointError, verify_checkpoint
 from pretrain.runlock import OutputDirInUse, OutputDirLock
+from pretrain.safeload import load_torch
 from pretrain.trainer import Trainer
 
 
@@ -51,7 +51,7 @@ def test_flipped_bytes_are_detected_and_the_checkpoint_moved_aside(tmp_path, ima
     newest = Checkpointer(str(out)).list()[0]
     verify_checkpoint(newest)
     _flip_a_tensor_byte(newest)
-    torch.load(newest, weights_only=False)  # what the issue saw: torch alone loads it silently
+    load_torch(newest)  # what the issue saw: torch alone loads it silently
     with pytest.raises(CorruptCheckpointError, match="model_0000004.pth"):
         verify_checkpoint(newest)
     t = Trainer(_cfg(out, imagefolder, **{"TRAIN.STOP_AT_ITER": 4}))

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_cfg
 from pretrain.checkpoint import Checkpointer
 from pretrain.model import Method
+from pretrain.safeload import load_torch
 from pretrain.trainer import Trainer
 
 
@@ -147,7 +148,7 @@ def test_checkpoint_of_an_earlier_version_resumes(tmp_path, imagefolder, teacher
     part = tiny_cfg(tmp_path / "old", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1, "TRAIN.STOP_AT_ITER": 3})
     Trainer(part).run()
     path = Checkpointer(str(tmp_path / "old")).list()[0]
-    state = torch.load(path, weights_only=False)
+    state = load_torch(path)
     model = state.pop("model")
     del state["format"]
     state["student"] = {("encoder_q." + k[len("student."):]) if k.startswith("student.") else k[len("testbed."):]: v
