@@ -12,6 +12,8 @@ from typing import Dict, Iterable, Tuple
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
+from .cfgnode import cfg_value
+
 
 def flatten(cfg, prefix: str = "") -> Dict[str, object]:
     """``{"SOLVER.BASE_LR": 0.03, ...}`` of a (nested) CfgNode / dict; tuples and lists compare as lists."""
@@ -43,10 +45,7 @@ def check_resume(saved: str, current, safe: Iterable[str], allow_key: str, check
     the ones outside ``safe`` unless ``current``'s ``allow_key`` (e.g. ``TRAIN.RESUME_CHANGED_CONFIG``) is true."""
     changes = config_changes(saved, current)
     meaning = {k: v for k, v in changes.items() if not is_safe(k, safe)}
-    node = current
-    for part in allow_key.split("."):
-        node = node[part]
-    if meaning and not node:
+    if meaning and not cfg_value(current, allow_key):
         listed = "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in meaning.items())
         raise ValueError(
             f"OUTPUT_DIR {current.OUTPUT_DIR} holds a run with another config: resuming {checkpoint} would silently "

@@ -6,7 +6,7 @@ import math
 import os
 import re
 import zipfile
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -120,17 +120,25 @@ class Checkpointer:
             raise CorruptCheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint")
         return state
 
-    def load_latest(self, quarantine: bool = False) -> Tuple[Optional[dict], Optional[str]]:
-        """The newest checkpoint that verifies and loads, and its path; ``(None, None)`` when none does."""
+    def readable(self, quarantine: bool = False) -> Iterator[Tuple[str, dict]]:
+        """``(path, state)`` of each checkpoint that verifies and loads, newest first. An unreadable one (truncated,
+        damaged, unsafe) is skipped with a warning; with ``quarantine`` it is renamed ``*.corrupt``."""
         for path in self.list():
             try:
-                return self.read(path), path
-            except Exception as e:  # truncated / damaged / unsafe: fall back to the previous one
+                state = self.read(path)
+            except Exception as e:
                 why = f"unreadable ({type(e).__name__}: {e})"
                 if quarantine:
                     self.set_aside(path, "corrupt", why)
                 else:
                     logger.warning("checkpoint %s is %s; trying the previous one", path, why)
+                continue
+            yield path, state
+
+    def load_latest(self, quarantine: bool = False) -> Tuple[Optional[dict], Optional[str]]:
+        """The newest checkpoint that verifies and loads, and its path; ``(None, None)`` when none does."""
+        for path, state in self.readable(quarantine):
+            return state, path
         return None, None
 
     def quarantine_nonfinite(self, iteration: int) -> Optional[str]:
@@ -139,12 +147,7 @@ class Checkpointer:
         whose weights have diverged (non-finite, or any magnitude above ``DIVERGED``: trained weights and BatchNorm
         statistics are orders of magnitude smaller, and continuing from such weights overflows again even at a sane
         lr); return the newest remaining checkpoint, or None."""
-        for path in self.list():
-            try:
-                state = self.read(path)
-            except Exception as e:
-                self.set_aside(path, "corrupt", f"unreadable ({type(e).__name__}: {e})")
-                continue
+        for path, state in self.readable(quarantine=True):
             tensors = [v for v in state.get("model", state.get("student", {})).values()
                        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
             largest = max((t.abs().max().item() for t in tensors), default=0.0)

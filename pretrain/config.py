@@ -13,10 +13,14 @@ from .cfgnode import CN, CfgNode, check_ranges, merge_and_freeze, save_cfg  # no
 from .methods import DISTILLERS, TESTBEDS
 
 
+# METHOD of earlier versions -> the METHOD.DISTILLERS that replace it (the testbed was always mocov2)
+OLD_METHODS = {"disco": ["disco"], "moco": []}
+
+
 def _refuse_old_method(value, where: str) -> None:
     if not isinstance(value, str):
         return
-    distillers = {"disco": "[disco]", "moco": "[]"}.get(value.strip(), f"[{value}]")
+    distillers = "[" + ", ".join(OLD_METHODS.get(value.strip(), [value])) + "]"
     raise ValueError(
         f"METHOD: {value} in {where} is the form of earlier versions. A method is now a testbed plus a list of "
         f"distillers; write\n  METHOD:\n    TESTBED: mocov2\n    DISTILLERS: {distillers}\n(on the command line: "

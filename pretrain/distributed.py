@@ -48,6 +48,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if ``flag`` is true on any of them (a collective call with several processes): how
+    all processes stop together on a signal, a non-finite loss or a folder in use."""
+    if get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 (no gradient). Identity for a single process."""

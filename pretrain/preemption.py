@@ -10,9 +10,8 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
 
-from .distributed import get_world_size
+from .distributed import any_process
 
 
 class Preempted(RuntimeError):
@@ -47,8 +46,4 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every process if any process was asked to stop (a collective call with several processes)."""
-        if get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return any_process(self.requested, device)

@@ -75,10 +75,7 @@ class OutputDirLock:
 def lock_output_dir(output_dir: str, what: str, device) -> OutputDirLock:
     """Rank 0 takes the folder's lock; every process learns whether it got it (a collective call with several
     processes), so all of them stop together when another run holds the folder."""
-    import torch
-    import torch.distributed as dist
-
-    from .distributed import get_rank, get_world_size
+    from .distributed import any_process, get_rank
 
     lock, error = OutputDirLock(output_dir, what), None
     if get_rank() == 0:
@@ -86,11 +83,8 @@ def lock_output_dir(output_dir: str, what: str, device) -> OutputDirLock:
             lock.acquire()
         except OutputDirInUse as e:
             error = e
-    if get_world_size() > 1:
-        flag = torch.tensor([float(error is not None)], device=device)
-        dist.all_reduce(flag)
-        if flag.item() > 0 and error is None:
-            error = OutputDirInUse(f"OUTPUT_DIR {output_dir} is in use by another run (see rank 0's log)")
+    if any_process(error is not None, device) and error is None:
+        error = OutputDirInUse(f"OUTPUT_DIR {output_dir} is in use by another run (see rank 0's log)")
     if error is not None:
         raise error
     return lock

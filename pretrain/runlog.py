@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import sys
+from typing import List
 
 
 def setup_logging(output_dir: str, rank: int) -> None:
@@ -24,29 +25,31 @@ def setup_logging(output_dir: str, rank: int) -> None:
         log.addHandler(h)
 
 
+def read_jsonl(path: str) -> List[dict]:
+    """The records of a JSON-lines file (``metrics.jsonl``), in order. A torn last line (a run killed while writing
+    it) is dropped with a warning; any other line that is not JSON is an error naming it."""
+    with open(path) as f:
+        lines = [(i + 1, line) for i, line in enumerate(f.read().split("\n")) if line.strip()]
+    records = []
+    for n, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:
+                logging.getLogger(__name__).warning("%s: dropping a torn last line (%d characters, a run killed "
+                                                    "while writing it)", path, len(line))
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({e}); repair or delete that line") from e
+    return records
+
+
 def truncate_metrics(output_dir: str, key: str, last: int) -> None:
     """Keep the ``metrics.jsonl`` records up to ``key`` (iter / epoch) ``last``, where a run (re)starts: a resumed
-    run writes the later ones again. A torn last line (a kill during a write) is dropped with a warning; any other
-    line that is not JSON is an error naming it."""
+    run writes the later ones again (:func:`read_jsonl` drops a torn last line)."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = f.read().split("\n")
-    keep = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # no newline after it: the write was cut off
-                logging.getLogger(__name__).warning("%s: dropping a torn last line (%d characters, a run killed "
-                                                    "while writing it)", path, len(line))
-                continue
-            raise ValueError(f"{path} line {i + 1} is not JSON ({e}); repair or delete that line") from e
-        if rec.get(key, 0) <= last:
-            keep.append(line + "\n")
+    keep = [json.dumps(rec) + "\n" for rec in read_jsonl(path) if rec.get(key, 0) <= last]
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(keep)

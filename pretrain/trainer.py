@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -20,7 +19,7 @@ from . import distributed as du
 from .cfgdiff import check_resume, record_changes
 from .cfgnode import CfgNode, save_cfg
 from .checkpoint import Checkpointer, remove_orphaned_temp_files
-from .config import SAFE_ON_RESUME
+from .config import OLD_METHODS, SAFE_ON_RESUME
 from .data import ImageFolder, MultiViewDataset, ResumableSampler, moco_v2_transform
 from .engine import train_step
 from .export import export_student
@@ -221,13 +220,8 @@ class Trainer:
     def _finite_check(self, losses: Dict[str, torch.Tensor]) -> None:
         keys = sorted(losses)
         values = torch.stack([losses[k].float() for k in keys]).detach()
-        if self.world > 1:  # every process must stop together, not hang in the next all-reduce
-            flag = (~torch.isfinite(values)).any().float().reshape(1)
-            dist.all_reduce(flag)
-            bad = flag.item() > 0
-        else:
-            bad = not torch.isfinite(values).all().item()
-        if bad:
+        # every process must stop together, not hang in the next all-reduce
+        if du.any_process(not torch.isfinite(values).all().item(), self.device):
             shown = ", ".join(f"{k}={v.item()}" for k, v in zip(keys, values))
             good = self.checkpointer.quarantine_nonfinite(self.iter) if self.rank == 0 else None
             raise FloatingPointError(
@@ -328,5 +322,5 @@ def _current_form(saved: str) -> str:
     ``METHOD.TESTBED mocov2`` + ``METHOD.DISTILLERS [disco]`` / ``[]`` (the same run)."""
     cfg = CfgNode.load_cfg(saved)
     if isinstance(cfg.get("METHOD"), str):
-        cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": ["disco"] if cfg.METHOD == "disco" else []})
+        cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[cfg.METHOD]})
     return cfg.dump()

@@ -1,14 +1,23 @@
 """The offline kNN evaluator (``tools/eval_knn.py``): weighted kNN on L2-normalised frozen features, DINO's protocol.
 The algorithm and the feature extraction live in :mod:`pretrain.knn` (the pretrainer's online monitor uses them too).
 """
+import json
+import os
+import time
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
+from pretrain import distributed as du
 from pretrain.data import balanced_subset
 from pretrain.knn import extract_features, knn_accuracy
 from pretrain.precision import amp_dtype
+
+from .common import (TransformedDataset, build_datasets, dataset_name, end_run, eval_transform_from_cfg,
+                     load_backbone, start_run)
+from .config import setup_eval_cfg
+from .semi import SubsetView
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -26,9 +35,6 @@ def run(args) -> Dict:
     """One process of ``tools/eval_knn.py``: features of the (subset of the) training split and of the evaluation
     split with the evaluation transform (extracted by all processes together), weighted kNN on rank 0, then
     ``OUTPUT_DIR/results.json`` and one summary line."""
-    from .common import end_run
-    from .config import setup_eval_cfg
-
     cfg = setup_eval_cfg(args.config_file, args.opts)
     if args.eval_only or args.resume:
         raise ValueError("kNN evaluation trains nothing: --eval-only / --resume do not apply")
@@ -39,16 +45,6 @@ def run(args) -> Dict:
 
 
 def _knn(cfg) -> Dict:
-    import json
-    import os
-    import time
-
-    from pretrain import distributed as du
-
-    from .common import (TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg, load_backbone,
-                         start_run)
-    from .semi import SubsetView
-
     t0 = time.perf_counter()
     device = start_run(cfg, "kNN evaluation")
     rank = du.get_rank()

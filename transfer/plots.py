@@ -5,9 +5,10 @@ skipped_images}`` every ``TRAIN.LOG_PERIOD`` iterations (one ``loss_<term>`` per
 ``loss_disco``, ...; every one gets a panel), and kNN-monitor records ``{iter, epoch, knn_top1, knn_top5}``. A linear
 evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1]}``) plots too.
 """
-import json
 import os
 from typing import Dict, List, Sequence
+
+from pretrain.runlog import read_jsonl
 
 # (panel title, y key, x key); a panel is drawn when some run has that key. Every loss_* term a run logged gets a
 # panel of its own after the total loss (loss_terms).
@@ -22,22 +23,12 @@ PANELS = (
 
 def read_metrics(path: str) -> List[dict]:
     """The records of a ``metrics.jsonl`` (or of ``<run dir>/metrics.jsonl``), in file order; a truncated last line
-    (a run killed while writing) is ignored, any other bad line is an error naming it."""
+    (a run killed while writing) is dropped with a warning, any other bad line is an error naming it."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; give a run's OUTPUT_DIR or its metrics.jsonl")
-    with open(path) as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path} line {i + 1} is not JSON: {e}") from e
-    return records
+    return read_jsonl(path)
 
 
 def loss_terms(runs) -> List[str]:

@@ -5,9 +5,20 @@ import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pretrain import distributed as du
+from pretrain.knn import extract_features
+from pretrain.precision import amp_dtype
+
+from .common import (TransformedDataset, build_datasets, dataset_name, end_run, eval_transform_from_cfg,
+                     load_backbone, start_run)
+from .config import setup_eval_cfg
+from .semi import SubsetView
 
 logger = logging.getLogger("transfer")
 
@@ -83,8 +94,6 @@ def panel_title(info: dict) -> str:
 
 def run(args) -> dict:
     """One process of ``tools/tsne.py``."""
-    from .config import setup_eval_cfg
-
     if args.eval_only or args.resume:
         raise ValueError("t-SNE trains nothing: --eval-only / --resume do not apply")
     return run_tsne(setup_eval_cfg(args.config_file, args.opts))
@@ -94,8 +103,6 @@ def run_tsne(cfg) -> dict:
     """MODEL.WEIGHTS and TSNE.COMPARE_WEIGHTS, features of TSNE.NUM_CLASSES x TSNE.PER_CLASS evaluation images,
     one t-SNE panel each -> ``OUTPUT_DIR/tsne.png`` (+ ``tsne.npz`` and ``results.json``). All processes extract
     features together; rank 0 embeds and draws (t-SNE itself is single-process)."""
-    from .common import end_run
-
     try:
         return _tsne(cfg)
     finally:
@@ -103,16 +110,6 @@ def run_tsne(cfg) -> dict:
 
 
 def _tsne(cfg) -> dict:
-    import time
-
-    from pretrain import distributed as du
-    from pretrain.knn import extract_features
-    from pretrain.precision import amp_dtype
-
-    from .common import (TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg, load_backbone,
-                         start_run)
-    from .semi import SubsetView
-
     t0 = time.perf_counter()
     device = start_run(cfg, "t-SNE")
     rank = du.get_rank()
