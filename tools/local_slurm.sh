@@ -3,7 +3,9 @@
 #   munge -> MariaDB -> slurmdbd (accounting, so dead jobs are reported) -> slurmctld -> slurmd.
 #
 #   tools/local_slurm.sh install   apt-get the packages (slurm-wlm munge slurmdbd mariadb-server)
-#   tools/local_slurm.sh start     write the configs from `hostname -s`, start the daemons, wait for an idle node
+#   tools/local_slurm.sh start     write the configs from `hostname -s`, start the daemons, wait for an idle node;
+#                                  a no-op when the daemons it recorded still run; records of processes that are
+#                                  gone (a rebooted or restored machine) and their stale pid files are cleared first
 #   tools/local_slurm.sh status    show what runs (by the pids this script recorded) and `sinfo`
 #   tools/local_slurm.sh stop      stop exactly the processes this script started, by pid
 #
@@ -36,11 +38,50 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 
 record() { echo "$2" >"$STATE/pids/$1"; }
 
+DAEMONS="slurmd slurmctld slurmdbd mysqld mysqld_safe munged"  # stop order
+
+is_running() {  # is_running NAME PID: the pid is alive AND is that program (a pid reused by another is not)
+  local comm state
+  comm=$(cat "/proc/$2/comm" 2>/dev/null) || return 1
+  state=$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null) || return 1
+  [[ $state != Z && $state != X ]] || return 1  # dead, not yet reaped (a container's init may never reap)
+  case $1 in
+    mysqld) [[ $comm == mysqld || $comm == mariadbd ]] ;;
+    *) [[ $comm == "$1" ]] ;;
+  esac
+}
+
+pidfile_running() {  # pidfile_running NAME FILE: FILE names a live NAME
+  [[ -s $2 ]] && is_running "$1" "$(cat "$2")"
+}
+
+clear_stale_records() {  # drop records whose process is gone; echo the names that still run
+  local f name live=()
+  for f in "$STATE"/pids/*; do
+    [[ -f $f ]] || continue
+    name=$(basename "$f")
+    if is_running "$name" "$(cat "$f")"; then live+=("$name")
+    else echo "local_slurm: $name (pid $(cat "$f")) is no longer running; record cleared" >&2; rm -f "$f"; fi
+  done
+  echo "${live[*]}"
+}
+
 start() {
   [[ $(id -u) == 0 ]] || die "must run as root"
   command -v slurmctld >/dev/null || die "SLURM is not installed: run '$0 install' (Debian packages)"
-  if [[ -d $STATE/pids ]] && [[ -n $(ls "$STATE/pids") ]]; then die "already started (see '$0 status'; '$0 stop' first)"; fi
   mkdir -p "$STATE"/{pids,run,ctld,spool,log} /run/munge /run/mysqld
+  local live; live=$(clear_stale_records)
+  if [[ -n $live ]]; then
+    if [[ $(wc -w <<<"$live") == $(wc -w <<<"$DAEMONS") ]] && sinfo -h -o %t 2>/dev/null | grep -qx idle; then
+      echo "local SLURM already up (see '$0 status')"; return 0
+    fi
+    echo "local_slurm: only part of it runs ($live); stopping that and starting afresh" >&2
+    stop
+  fi
+  # pid files left by daemons that no longer run would satisfy the waits below before the new daemon writes its own
+  pidfile_running munged /run/munge/munged.pid || rm -f /run/munge/munged.pid
+  pidfile_running mysqld /run/mysqld/mysqld.pid || rm -f /run/mysqld/mysqld.pid
+  rm -f "$STATE"/run/*.pid
   local mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
   local cpus=$(nproc)
 
@@ -114,14 +155,14 @@ EOF
 
 stop() {
   [[ -d $STATE/pids ]] || { echo "local SLURM: nothing recorded in $STATE/pids"; return 0; }
-  for name in slurmd slurmctld slurmdbd mysqld mysqld_safe munged; do
+  for name in $DAEMONS; do
     local f=$STATE/pids/$name
     [[ -f $f ]] || continue
     local pid; pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
+    if is_running "$name" "$pid"; then
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+      for _ in $(seq 100); do is_running "$name" "$pid" || break; sleep 0.1; done
+      is_running "$name" "$pid" && kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$f"
   done
@@ -133,7 +174,7 @@ status() {
   local up=0
   for f in "$STATE"/pids/*; do
     [[ -f $f ]] || continue
-    if kill -0 "$(cat "$f")" 2>/dev/null; then echo "$(basename "$f"): running (pid $(cat "$f"))"; up=1
+    if is_running "$(basename "$f")" "$(cat "$f")"; then echo "$(basename "$f"): running (pid $(cat "$f"))"; up=1
     else echo "$(basename "$f"): not running"; fi
   done
   ((up)) && sinfo
