@@ -1,7 +1,9 @@
 """Backbone registry: name -> a timm model with its classifier removed (``num_classes=0``), returning pooled features.
 
 All models come from timm with ``pretrained=False``; weights are only ever loaded from local files. Key names are
-timm's, so an exported student loads with ``timm.create_model(arch, num_classes=0, checkpoint_path=...)``.
+timm's, so an exported student loads with ``timm.create_model(arch, num_classes=0, checkpoint_path=...)``: with plain
+timm for timm's architectures, and for the demo's ``convnet_small`` / ``convnet_tiny`` (ours) once this module is
+imported, which registers them in timm's model registry (bottom of this file). ``resnet50x2`` has no timm name.
 
 Initialisation: every ResNet (resnet18/34/50/101/152, resnet50x2) is built with ``zero_init_last=False``, as the
 official DisCo code builds its students from torchvision (``zero_init_residual=False``: the last BatchNorm scale of
@@ -31,9 +33,14 @@ from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
+
+__all__ = ["BACKBONES", "BackboneSpec", "CONVNET_WIDTHS", "ConvNet", "build_backbone", "feature_dim",
+           "forward_with_maps", "get_spec", "stage_info"]  # timm's register_model adds the two convnet entrypoints
 
 _TORCHVISION_INIT = "zero_init_last=False: last BN of each block starts at 1, as torchvision (the official code)"
 
@@ -42,7 +49,8 @@ _TORCHVISION_INIT = "zero_init_last=False: last BN of each block starts at 1, as
 class BackboneSpec:
     feature_dim: int  # pooled feature dim (the input dim of the projection head)
     build: Callable[[], nn.Module]
-    timm_arch: str = ""  # timm.create_model name that loads an export; "" when timm has no such name
+    timm_arch: str = ""  # timm.create_model name that loads an export; "" when timm has no such name (the convnets:
+    # after ``import pretrain.backbones``, which registers them with timm)
     notes: str = ""
 
 
@@ -78,10 +86,16 @@ def _resnet50x2() -> nn.Module:
 class ConvNet(nn.Sequential):
     """``nn.Sequential`` of conv blocks (Conv2d, BatchNorm2d, ReLU, MaxPool2d) then AdaptiveAvgPool2d(1), Flatten,
     with timm's feature-map interface. A plain subclass: the state-dict keys (``0.weight``, ``1.weight``, ...), the
-    construction and ``forward`` are ``nn.Sequential``'s. The stages are the max-pool outputs."""
+    construction and ``forward`` are ``nn.Sequential``'s. The stages are the max-pool outputs.
 
-    def __init__(self, *args):
+    ``num_classes`` (timm's meaning): 0, the default and what the registry builds, has no classifier (``forward``
+    returns the pooled features); n > 0 appends a Linear classifier ``fc`` (keys ``fc.weight`` / ``fc.bias``) on the
+    pooled features, run last by ``forward``. ``reset_classifier(n)`` replaces it (0 removes it)."""
+
+    def __init__(self, *args, num_classes: int = 0):
         super().__init__(*args)
+        # the conv blocks are the modules before the head (AdaptiveAvgPool2d, Flatten)
+        self.num_blocks = next((i for i, m in enumerate(self) if isinstance(m, nn.AdaptiveAvgPool2d)), len(self))
         self.feature_info: List[dict] = []
         channels, reduction = 0, 1
         for i, m in enumerate(self):
@@ -90,13 +104,29 @@ class ConvNet(nn.Sequential):
             elif isinstance(m, nn.MaxPool2d):
                 reduction *= m.stride if isinstance(m.stride, int) else m.stride[0]
                 self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=str(i)))
+        self.num_features = channels
+        self.num_classes = 0
+        self.reset_classifier(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self._modules["fc"] if "fc" in self._modules else nn.Identity()
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        """A new Linear classifier ``fc`` with ``num_classes`` outputs (randomly initialised), or none for 0.
+        ``global_pool``: timm's signature; the pooling is always global average pooling."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"ConvNet pools by global average only (global_pool={global_pool!r})")
+        self._modules.pop("fc", None)
+        self.num_classes = int(num_classes)
+        if self.num_classes:
+            self.fc = nn.Linear(self.num_features, self.num_classes)  # a child module: nn.Sequential runs it last
 
     def forward_intermediates(self, x: Tensor, indices=None, intermediates_only: bool = False):
         """timm's convention: ``(final, maps)``, or only ``maps`` with ``intermediates_only``; ``indices``: the last n
         stages if int, all if None, else the stage indices given."""
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         intermediates, stage = [], 0
-        for m in list(self)[:-2]:  # the conv blocks; the last two modules are the head (pool, flatten)
+        for m in list(self)[:self.num_blocks]:  # the conv blocks
             x = m(x)
             if isinstance(m, nn.MaxPool2d):
                 if stage in take_indices:
@@ -105,21 +135,27 @@ class ConvNet(nn.Sequential):
         return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self[-1](self[-2](x))  # AdaptiveAvgPool2d(1), Flatten; there are no logits
+        """AdaptiveAvgPool2d(1), Flatten, then the classifier ``fc`` if there is one and not ``pre_logits``."""
+        x = self[self.num_blocks + 1](self[self.num_blocks](x))
+        return x if pre_logits or "fc" not in self._modules else self.fc(x)
 
 
-def _convnet(widths) -> Callable[[], nn.Module]:
+def _convnet(widths) -> Callable[..., nn.Module]:
     """A plain VGG-style CNN for 32-px images: per width a 3x3 conv, BatchNorm, ReLU and 2x2 max-pool, then global
     average pooling. Demo / test scale only (not in the paper): on 32-px synthetic data and a few CPU minutes these
-    learn self-supervised features that separate the classes, where ImageNet-layout ResNets are still at chance."""
-    def build() -> nn.Module:
+    learn self-supervised features that separate the classes, where ImageNet-layout ResNets are still at chance.
+    ``build(num_classes=0)``: see :class:`ConvNet`."""
+    def build(num_classes: int = 0) -> nn.Module:
         layers, c_in = [], 3
         for c in widths:
             layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
             c_in = c
-        return ConvNet(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return ConvNet(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), num_classes=num_classes)
     return build
+
+
+CONVNET_WIDTHS = {"convnet_small": (64, 128, 256), "convnet_tiny": (16, 32, 64)}
 
 
 BACKBONES: Dict[str, BackboneSpec] = {
@@ -140,8 +176,11 @@ BACKBONES: Dict[str, BackboneSpec] = {
     "resnet152": BackboneSpec(2048, _timm("resnet152", zero_init_last=False), "resnet152", notes=_TORCHVISION_INIT),
     "resnet50x2": BackboneSpec(4096, _resnet50x2, "", notes="SwAV's ResNet-50x2 (all widths x2); " + _TORCHVISION_INIT),
     # 32-px models for the CPU demo and tests; not in the paper
-    "convnet_small": BackboneSpec(256, _convnet((64, 128, 256)), "", notes="3 conv blocks, 0.37M params"),
-    "convnet_tiny": BackboneSpec(64, _convnet((16, 32, 64)), "", notes="3 conv blocks, 0.02M params"),
+    # (timm names once this module is imported: see _register_convnets)
+    "convnet_small": BackboneSpec(256, _convnet(CONVNET_WIDTHS["convnet_small"]), "convnet_small",
+                                  notes="3 conv blocks, 0.37M params"),
+    "convnet_tiny": BackboneSpec(64, _convnet(CONVNET_WIDTHS["convnet_tiny"]), "convnet_tiny",
+                                 notes="3 conv blocks, 0.02M params"),
 }
 
 
@@ -182,3 +221,43 @@ def stage_info(name: str) -> List[dict]:
     input) and ``module`` (the module whose output it is). From timm's ``feature_info`` (``ConvNet.feature_info`` for
     the convnets). Stages of a student and a teacher pair up by ``reduction``."""
     return [dict(f) for f in _stage_info(name)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo convnets in timm's model registry: once this module is imported, ``timm.create_model("convnet_small",
+# num_classes=0, checkpoint_path=EXPORT)`` builds the model and loads an export strictly, as for timm's own
+# architectures. Their pretrained configs (what ``timm.data.resolve_model_data_config`` reads) say 32-px inputs, the
+# ImageNet mean / std of DATA.MEAN / DATA.STD's defaults and the kNN monitor's 0.875 centre crop; they name no weights:
+# nothing is ever downloaded. ``register_model`` reads ``default_cfgs`` of this module when it registers a name.
+default_cfgs = generate_default_cfgs({
+    name: dict(num_classes=0, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=0.875, interpolation="bicubic",
+               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="0", classifier="fc",
+               description=f"DisCo transfer suite demo CNN ({BACKBONES[name].notes}); weights: this project's exports")
+    for name in CONVNET_WIDTHS})
+
+
+def _create_convnet(name: str, pretrained: bool = False, num_classes: int = 0, pretrained_cfg=None,
+                    pretrained_cfg_overlay=None, cache_dir=None) -> ConvNet:
+    """timm entrypoint body. ``timm.create_model`` always passes ``pretrained``, ``pretrained_cfg``,
+    ``pretrained_cfg_overlay`` and ``cache_dir`` (the latter only matters for downloads, of which there are none);
+    ``num_classes`` as :class:`ConvNet` (default 0: pooled features). It loads ``checkpoint_path`` itself, after this
+    returns. Any other model argument is a TypeError naming it."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights to download: it is the DisCo transfer suite's demo CNN. "
+                         f"Load an export: timm.create_model({name!r}, num_classes=0, checkpoint_path=...)")
+    model = _convnet(CONVNET_WIDTHS[name])(num_classes=num_classes)
+    model.pretrained_cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+    model.default_cfg = model.pretrained_cfg  # timm's alias
+    return model
+
+
+@register_model
+def convnet_small(pretrained: bool = False, **kwargs) -> ConvNet:
+    """The demo's 32-px CNN, widths 64-128-256 (``BACKBONES["convnet_small"]``)."""
+    return _create_convnet("convnet_small", pretrained, **kwargs)
+
+
+@register_model
+def convnet_tiny(pretrained: bool = False, **kwargs) -> ConvNet:
+    """The tests' 32-px CNN, widths 16-32-64 (``BACKBONES["convnet_tiny"]``)."""
+    return _create_convnet("convnet_tiny", pretrained, **kwargs)

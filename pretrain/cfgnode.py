@@ -2,19 +2,32 @@
 inheritance, ``KEY VALUE`` overrides, and strict YAML: a file with a duplicated key is rejected (PyYAML silently
 keeps the last occurrence, which is how the official DisCo VOC config lost three keys).
 """
+import contextlib
+import difflib
 import os
+import re
 import threading
-from typing import Callable, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 
-class DuplicateKeyError(ValueError):
-    pass
+class ConfigError(ValueError):
+    """A config that cannot run as the user wrote it: a key that does not exist, a value of the wrong type or out of
+    range, an inconsistent combination, a broken config file. The message names the key or file and the fix; the
+    command-line tools print it as one ``error:`` line, without a traceback (:func:`pretrain.cli.user_errors`)."""
 
 
-class ConfigFileError(ValueError):
+class UnknownKeyError(ConfigError):
+    """A key, on the command line or in a config file, that the config does not have."""
+
+
+class DuplicateKeyError(ConfigError):
+    """A config file that sets the same key twice."""
+
+
+class ConfigFileError(ConfigError):
     """A config file that is not valid YAML, not a mapping, or part of a cyclic ``_BASE_`` chain."""
 
 
@@ -99,18 +112,80 @@ CN = CfgNode
 
 def merge_and_freeze(cfg: CfgNode, config_file: str, opts, validate) -> CfgNode:
     """The one config path of every CLI: merge ``config_file`` and the ``KEY VALUE`` ``opts`` into ``cfg``,
-    ``validate(cfg)``, freeze."""
+    ``validate(cfg)``, freeze. A key the config does not have raises :class:`UnknownKeyError` (with the closest
+    existing keys), a value of another type than the key's :class:`ConfigError`, both naming the key."""
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        cfg.merge_from_file(config_file)
+        with _merge_errors(cfg, f"set in {config_file} or a _BASE_ file it inherits"):
+            cfg.merge_from_file(config_file)
     if opts:
+        opts = list(opts)
         if len(opts) % 2:
-            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
-        cfg.merge_from_list(ints_as_floats(cfg, list(opts)))
+            raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
+        for key in opts[0::2]:
+            _check_key(cfg, str(key))
+        with _merge_errors(cfg, "on the command line"):
+            cfg.merge_from_list(ints_as_floats(cfg, opts))
     validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def all_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
+    """Every leaf key of ``cfg`` as a dotted name, e.g. ``SOLVER.BASE_LR``."""
+    out = []
+    for k, v in cfg.items():
+        out += all_keys(v, f"{prefix}{k}.") if isinstance(v, _FvcoreCfgNode) else [f"{prefix}{k}"]
+    return out
+
+
+def _unknown_key(cfg: CfgNode, key: str, where: str) -> UnknownKeyError:
+    close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.75)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return UnknownKeyError(f"{key} ({where}) is not a config key{hint}")
+
+
+def _check_key(cfg: CfgNode, key: str) -> None:
+    """Raise :class:`UnknownKeyError` for a command-line key that names no leaf of ``cfg`` (keys the config declares
+    deprecated or renamed are left to its own handling)."""
+    if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+        return
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, _FvcoreCfgNode) or part not in node:
+            raise _unknown_key(cfg, key, "on the command line")
+        node = node[part]
+    if isinstance(node, _FvcoreCfgNode):
+        raise UnknownKeyError(f"{key} (on the command line) is a group of keys, not a key: set one of "
+                              f"{', '.join(all_keys(node, key + '.')[:8])}")
+
+
+_TYPE_MISMATCH = re.compile(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+                            r"for config key: (\S+)$", re.S)
+
+
+@contextlib.contextmanager
+def _merge_errors(cfg: CfgNode, where: str):
+    """Turn yacs' messages for a user's mistake in a merge (``Non-existent config key``, ``Type mismatch``) into
+    :class:`UnknownKeyError` / :class:`ConfigError` naming the key and where it was set."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (AssertionError, KeyError) as e:
+        m = re.fullmatch(r"Non-existent (?:config )?key: (\S+)", e.args[0] if e.args and isinstance(e.args[0], str)
+                         else "")
+        if not m:
+            raise
+        raise _unknown_key(cfg, m.group(1), where) from e
+    except ValueError as e:
+        m = _TYPE_MISMATCH.match(str(e))
+        if not m:
+            raise
+        want, got, default, value, key = m.groups()
+        raise ConfigError(f"{key} {value} ({where}): the key takes a value of type {want} (default {default}), got "
+                          f"a {got}") from e
 
 
 def cfg_value(cfg: CfgNode, key: str):
@@ -137,18 +212,18 @@ RangeRule = Tuple[str, str, int]  # (key, allowed range, 0 for a number or the l
 
 
 def check_ranges(cfg: CfgNode, rules: Sequence[RangeRule]) -> None:
-    """Raise ``ValueError`` for the first key whose value is outside its range, e.g. ``SOLVER.EPOCHS 0 is out of
-    range: must be >= 1``. A rule with a length checks a sequence of that many numbers, each in the range."""
+    """Raise :class:`ConfigError` for the first key whose value is outside its range, e.g. ``SOLVER.EPOCHS 0 is out
+    of range: must be >= 1``. A rule with a length checks a sequence of that many numbers, each in the range."""
     for key, allowed, length in rules:
         value, test = cfg_value(cfg, key), _range_test(allowed)
         allowed = allowed if allowed[0] in "<>" else f"in {allowed}"
         if length:
             if not isinstance(value, (list, tuple)) or len(value) != length:
-                raise ValueError(f"{key} {value!r} must be {length} numbers, each {allowed}")
+                raise ConfigError(f"{key} {value!r} must be {length} numbers, each {allowed}")
             if not all(isinstance(v, (int, float)) and test(v) for v in value):
-                raise ValueError(f"{key} {tuple(value)} is out of range: each value must be {allowed}")
+                raise ConfigError(f"{key} {tuple(value)} is out of range: each value must be {allowed}")
         elif not (isinstance(value, (int, float)) and test(value)):
-            raise ValueError(f"{key} {value!r} is out of range: must be {allowed}")
+            raise ConfigError(f"{key} {value!r} is out of range: must be {allowed}")
 
 
 def ints_as_floats(cfg: CfgNode, opts: list) -> list:

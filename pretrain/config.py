@@ -9,7 +9,8 @@ import os
 import pretrain.distillers  # noqa: F401  (registers every distiller)
 import pretrain.testbeds  # noqa: F401  (registers every testbed)
 
-from .cfgnode import CN, CfgNode, check_ranges, merge_and_freeze, save_cfg  # noqa: F401  (save_cfg: pretrainer API)
+from .cfgnode import CN, CfgNode, ConfigError, check_ranges, merge_and_freeze
+from .cfgnode import save_cfg  # noqa: F401  (pretrainer API)
 from .methods import DISTILLERS, TESTBEDS
 
 
@@ -21,7 +22,7 @@ def _refuse_old_method(value, where: str) -> None:
     if not isinstance(value, str):
         return
     distillers = "[" + ", ".join(OLD_METHODS.get(value.strip(), [value])) + "]"
-    raise ValueError(
+    raise ConfigError(
         f"METHOD: {value} in {where} is the form of earlier versions. A method is now a testbed plus a list of "
         f"distillers; write\n  METHOD:\n    TESTBED: mocov2\n    DISTILLERS: {distillers}\n(on the command line: "
         f"METHOD.TESTBED mocov2 METHOD.DISTILLERS \"{distillers}\"). Registered testbeds: "
@@ -133,23 +134,23 @@ def validate_cfg(cfg: CfgNode) -> None:
     check_values(cfg)
     m = cfg.METHOD
     if m.TESTBED not in TESTBEDS:
-        raise ValueError(f"METHOD.TESTBED {m.TESTBED!r} is not a registered testbed; use one of "
-                         f"{', '.join(sorted(TESTBEDS.names()))}")
+        raise ConfigError(f"METHOD.TESTBED {m.TESTBED!r} is not a registered testbed; use one of "
+                          f"{', '.join(sorted(TESTBEDS.names()))}")
     for name in m.DISTILLERS:
         if name not in DISTILLERS:
-            raise ValueError(f"METHOD.DISTILLERS: {name!r} is not a registered distiller; use names from "
-                             f"{', '.join(sorted(DISTILLERS.names()))}")
+            raise ConfigError(f"METHOD.DISTILLERS: {name!r} is not a registered distiller; use names from "
+                              f"{', '.join(sorted(DISTILLERS.names()))}")
     if len(set(m.DISTILLERS)) != len(m.DISTILLERS):
-        raise ValueError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} names a distiller twice")
+        raise ConfigError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} names a distiller twice")
     if m.TESTBED == "none" and not m.DISTILLERS:
-        raise ValueError("METHOD.TESTBED none with no METHOD.DISTILLERS trains nothing")
+        raise ConfigError("METHOD.TESTBED none with no METHOD.DISTILLERS trains nothing")
     if m.DISTILLERS and not cfg.MODEL.TEACHER.WEIGHTS:
-        raise ValueError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} distil a frozen teacher: set "
-                         f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
+        raise ConfigError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} distil a frozen teacher: set "
+                          f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
     if cfg.SOLVER.OPTIMIZER not in ("sgd", "adamw"):
-        raise ValueError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
+        raise ConfigError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.TRAIN.AMP.DTYPE not in ("bfloat16", "float16"):
-        raise ValueError(f"TRAIN.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.TRAIN.AMP.DTYPE!r}")
+        raise ConfigError(f"TRAIN.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.TRAIN.AMP.DTYPE!r}")
     TESTBEDS.get(m.TESTBED).check_config(cfg)
     for name in m.DISTILLERS:
         DISTILLERS.get(name).check_config(cfg)
@@ -192,14 +193,14 @@ VALUE_RANGES = (
 def check_values(cfg: CfgNode) -> None:
     """:data:`VALUE_RANGES` and the ranges that involve two values."""
     if not cfg.OUTPUT_DIR:
-        raise ValueError("OUTPUT_DIR is empty: name the folder the run writes to")
+        raise ConfigError("OUTPUT_DIR is empty: name the folder the run writes to")
     check_ranges(cfg, VALUE_RANGES)
     d, s = cfg.DATA, cfg.SOLVER
     for key, (lo, hi) in (("DATA.CROP_SCALE", d.CROP_SCALE), ("DATA.BLUR_SIGMA", d.BLUR_SIGMA)):
         if lo > hi:
-            raise ValueError(f"{key} {tuple((lo, hi))} must be (low, high) with low <= high")
+            raise ConfigError(f"{key} {tuple((lo, hi))} must be (low, high) with low <= high")
     if d.COLOR_JITTER[3] > 0.5:
-        raise ValueError(f"DATA.COLOR_JITTER {tuple(d.COLOR_JITTER)}: the hue jitter (4th value) must be in [0, 0.5]")
+        raise ConfigError(f"DATA.COLOR_JITTER {tuple(d.COLOR_JITTER)}: the hue jitter (4th value) must be in [0, 0.5]")
     if s.WARMUP_EPOCHS > s.EPOCHS:
-        raise ValueError(f"SOLVER.WARMUP_EPOCHS {s.WARMUP_EPOCHS} is out of range: must be in [0, SOLVER.EPOCHS "
-                         f"{s.EPOCHS}]")
+        raise ConfigError(f"SOLVER.WARMUP_EPOCHS {s.WARMUP_EPOCHS} is out of range: must be in [0, SOLVER.EPOCHS "
+                          f"{s.EPOCHS}]")

@@ -52,7 +52,7 @@ class MetricsWriter(HookBase):
             self.writer = SummaryWriter(os.path.join(t.cfg.OUTPUT_DIR, "tb"), purge_step=t.iter)
             self.file = open(os.path.join(t.cfg.OUTPUT_DIR, "metrics.jsonl"), "a")
             self.bar = tqdm(total=t.max_iter, initial=t.iter, desc=f"{t.model.description} {t.cfg.MODEL.STUDENT.ARCH}",
-                            unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stdout.isatty() else 30.0)
+                            unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
         self._t, self._iter = time.perf_counter(), t.iter
 
     def after_step(self) -> None:

@@ -2,8 +2,13 @@
 
 The base of every evaluation: the pretrainer's online kNN monitor, the offline kNN evaluator, the linear / CIFAR
 feature cache and t-SNE all extract features with :func:`extract_features`.
+
+Also the evaluators' progress bars (:func:`progress_bar`): every long batch loop (feature extraction, kNN voting, the
+linear probe's epochs and evaluation passes) shows a tqdm bar with an ETA on rank 0's stderr, as the pretraining loop
+does (``pretrain/hooks.py``'s ``MetricsWriter``).
 """
 import math
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -12,6 +17,26 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed as du
 from .data import ImageFolder, balanced_subset, eval_transform
+
+PROGRESS_DELAY_S = 3.0  # a phase shorter than this prints no bar at all (cached epochs, tiny runs): no clutter
+PROGRESS_INTERVAL_S = (1.0, 5.0)  # seconds between bar refreshes: stderr a terminal / not (log files, CI, SLURM)
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", leave: Optional[bool] = None):
+    """A tqdm bar (count, rate, elapsed < ETA) on stderr for a loop of ``total`` units; call ``update(n)``, ``close()``.
+
+    Only on rank 0 (a disabled bar elsewhere). It refreshes at most every second when stderr is a terminal (as the
+    pretraining loop's bar) and at most every PROGRESS_INTERVAL_S[1] seconds otherwise (log files, CI output); a
+    phase shorter than PROGRESS_DELAY_S prints nothing at all. ``leave`` None keeps the finished bar only when no
+    other bar is open (a bar nested under the pretraining bar, e.g. the kNN monitor's, is cleared).
+    ``TQDM_DISABLE=1`` in the environment (tqdm reads it at import) turns rank 0's bars off too.
+    """
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    off = {} if du.get_rank() == 0 else {"disable": True}  # rank 0: tqdm's default, so TQDM_DISABLE applies
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                mininterval=PROGRESS_INTERVAL_S[0 if tty else 1], delay=PROGRESS_DELAY_S, **off)
 
 
 @torch.no_grad()
@@ -27,9 +52,11 @@ def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, amp_dtype
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-                     num_workers: int = 0, amp_dtype=None, channels_last: bool = False) -> torch.Tensor:
+                     num_workers: int = 0, amp_dtype=None, channels_last: bool = False,
+                     desc: str = "features") -> torch.Tensor:
     """Features (N x D float32, CPU) of every item of ``dataset`` (yielding ``(image, label)``), in dataset order,
-    with ``backbone`` in whatever mode it is in (callers freeze it or put it in eval mode).
+    with ``backbone`` in whatever mode it is in (callers freeze it or put it in eval mode). Rank 0 shows a progress
+    bar of its share of the images named ``desc`` (:func:`progress_bar`).
 
     With several processes each extracts an interleaved share and the shares are all-gathered, so every process
     ends with all N rows (a collective call: every process must make it).
@@ -40,8 +67,12 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, device: torch.
     padded = mine + mine[:1] * (per - len(mine))  # equal lengths for all_gather; the padding is dropped below
     loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    feats = torch.cat([backbone_features(backbone, x.to(device, non_blocking=True), amp_dtype, channels_last).cpu()
-                       for x, _ in loader])
+    parts = []
+    with progress_bar(len(padded), desc, unit="img") as bar:
+        for x, _ in loader:
+            parts.append(backbone_features(backbone, x.to(device, non_blocking=True), amp_dtype, channels_last).cpu())
+            bar.update(len(x))
+    feats = torch.cat(parts)
     if world == 1:
         return feats
     out = torch.empty(n, feats.shape[1])
@@ -62,12 +93,14 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     their class with weight exp(similarity / temperature)."""
     k = min(k, train_features.shape[0])
     scores = []
-    for start in range(0, test_features.shape[0], chunk):
-        sim = test_features[start:start + chunk] @ train_features.t()  # chunk x N
-        top_sim, top_idx = sim.topk(k, dim=1)  # chunk x k
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        scores.append(votes)
+    with progress_bar(test_features.shape[0], "kNN vote", unit="img") as bar:
+        for start in range(0, test_features.shape[0], chunk):
+            sim = test_features[start:start + chunk] @ train_features.t()  # chunk x N
+            top_sim, top_idx = sim.topk(k, dim=1)  # chunk x k
+            votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype)
+            votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+            scores.append(votes)
+            bar.update(sim.shape[0])
     return torch.cat(scores)
 
 
@@ -109,8 +142,8 @@ def knn_evaluate(backbone: torch.nn.Module, data: KnnData, device: torch.device,
     try:
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype,
                   channels_last=channels_last)
-        bank = F.normalize(extract_features(backbone, data.bank, **kw), dim=1)
-        val = F.normalize(extract_features(backbone, data.val, **kw), dim=1)
+        bank = F.normalize(extract_features(backbone, data.bank, desc="kNN bank features", **kw), dim=1)
+        val = F.normalize(extract_features(backbone, data.val, desc="kNN val features", **kw), dim=1)
     finally:
         backbone.train(was_training)
     return knn_accuracy(bank, data.bank_labels, val, data.val_labels, data.num_classes, k, temperature)

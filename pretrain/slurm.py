@@ -15,26 +15,25 @@ from typing import Any, Callable
 
 import submitit
 
-from .preemption import Preempted
-
 
 def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("SLURM (submitit)")
     g.add_argument("--slurm", action="store_true", help="submit to SLURM instead of running here")
     g.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
-    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--nodes", type=int, default=1, help="machines of the job")
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
     g.add_argument("--tasks-per-node", type=int, default=0,
                    help="tasks per node (default: --gpus-per-node, or 1 without GPUs; gloo CPU tasks without GPUs)")
-    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (DataLoader workers and more)")
     g.add_argument("--mem", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
     g.add_argument("--timeout", type=int, default=72 * 60, help="time limit in minutes")
-    g.add_argument("--account", default="")
-    g.add_argument("--qos", default="")
-    g.add_argument("--constraint", default="")
-    g.add_argument("--comment", default="")
-    g.add_argument("--job-dir", default="runs/slurm/%j", help="submitit's folder (logs, pickles); %%j = job id")
-    g.add_argument("--wait", action="store_true", help="follow the job, stream its log, return when it ends")
+    g.add_argument("--account", default="", help="SLURM account to charge (default: yours)")
+    g.add_argument("--qos", default="", help="SLURM quality of service (default: the partition's)")
+    g.add_argument("--constraint", default="", help="SLURM node features required, e.g. volta32gb")
+    g.add_argument("--comment", default="", help="SLURM job comment")
+    g.add_argument("--job-dir", default="runs/slurm/%j", help="submitit's folder (logs, pickles); %%j is the job id")
+    g.add_argument("--wait", action="store_true",
+                   help="with --slurm: follow the job, stream its rank-0 log, return when it ends")
     return parser
 
 
@@ -45,6 +44,8 @@ class SlurmTask:
         self.entry, self.args = entry, args
 
     def __call__(self) -> Any:
+        from .preemption import Preempted  # here, not at the top: the CLIs import add_slurm_args without torch
+
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"task {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename} (pid {os.getpid()}), master "

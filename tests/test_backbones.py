@@ -1,5 +1,6 @@
 """The backbone registry: every name builds, its feature maps (``forward_with_maps`` / ``stage_info``), the
-torchvision-style ResNet init (last BN of each block at 1) and the demo convnets' unchanged seeded weights."""
+torchvision-style ResNet init (last BN of each block at 1), the demo convnets' unchanged seeded weights and their
+registration as timm models."""
 import math
 from functools import lru_cache
 
@@ -8,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from pretrain.backbones import BACKBONES, ConvNet, build_backbone, forward_with_maps, stage_info
+from pretrain.backbones import BACKBONES, CONVNET_WIDTHS, ConvNet, build_backbone, forward_with_maps, stage_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 OpenMP threads run small models far slower here
 
@@ -146,3 +147,54 @@ def test_maps_carry_gradients():
     pooled, maps = forward_with_maps(model, torch.randn(2, 3, 32, 32))
     (pooled.sum() + sum(m.pow(2).mean() for m in maps)).backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+# --- the demo convnets in timm's model registry (issue #11): importing pretrain.backbones registers them -----------
+
+@pytest.mark.parametrize("name", sorted(CONVNET_WIDTHS))
+def test_convnets_are_timm_models(name):
+    """timm.create_model builds the registry's model (same seeded weights, same features) with a 32-px data config;
+    nothing to download."""
+    assert timm.is_model(name) and name in timm.list_models("convnet*") and name not in timm.list_pretrained()
+    torch.manual_seed(0)
+    ours = build_backbone(name).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()  # num_classes defaults to 0: pooled features
+    assert isinstance(model, ConvNet) and model.num_classes == 0 and model.num_features == BACKBONES[name].feature_dim
+    sd, ref = model.state_dict(), ours.state_dict()
+    assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ours(x))
+    data = timm.data.resolve_model_data_config(model)
+    assert data["input_size"] == (3, 32, 32) and data["mean"] == (0.485, 0.456, 0.406) and data["crop_pct"] == 0.875
+    assert BACKBONES[name].timm_arch == name  # written into exports as the timm name that loads them
+    with pytest.raises(ValueError, match="no pretrained weights to download"):
+        timm.create_model(name, pretrained=True)
+    with pytest.raises(TypeError, match="drop_rate"):  # a model argument it does not have is not silently dropped
+        timm.create_model(name, drop_rate=0.1)
+
+
+def test_convnet_classifier_follows_timm():
+    """num_classes > 0 adds a Linear ``fc`` on the pooled features (run last by forward; pre_logits skips it);
+    reset_classifier replaces or removes it; the features are untouched."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnet_tiny", num_classes=10).eval()
+    assert model.num_classes == 10 and isinstance(model.get_classifier(), nn.Linear)
+    assert [k for k in model.state_dict() if k.startswith("fc.")] == ["fc.weight", "fc.bias"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        final, maps = model.forward_intermediates(x)
+        feats = model.forward_head(final, pre_logits=True)
+        assert torch.equal(forward_with_maps(model, x)[0], feats) and len(maps) == 3
+        assert logits.shape == (2, 10) and feats.shape == (2, 64)
+        torch.testing.assert_close(logits, model.fc(feats), rtol=0, atol=0)
+        assert torch.equal(model.forward_head(final), logits)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+        assert not any(k.startswith("fc.") for k in model.state_dict()) and torch.equal(model(x), feats)
+    with pytest.raises(ValueError, match="global average"):
+        model.reset_classifier(3, global_pool="max")

@@ -14,10 +14,11 @@ from detectron2.modeling import build_model  # noqa: E402
 import transfer.d2  # noqa: E402,F401  (registers the ROI heads and backbones)
 from pretrain.export import export_encoder  # noqa: E402
 from pretrain.encoder import build_encoder  # noqa: E402
-from transfer.convert import (convert_checkpoint, convert_resnet, convert_timm, read_checkpoint,  # noqa: E402
-                              save_d2_checkpoint)
+from transfer.convert import (RESNET_ARCHS, TIMM_LAYOUTS, convert_checkpoint, convert_resnet,  # noqa: E402
+                              convert_timm, read_checkpoint, save_d2_checkpoint)
 from transfer.d2.config import get_cfg  # noqa: E402
-from transfer.d2.weights import LoadError, check_pretrained_load, convert_to_d2  # noqa: E402
+from transfer.d2.weights import (DEFAULT_CONFIGS, TEACHER_CONFIG_OPTS, LoadError,  # noqa: E402
+                                 UnsupportedArchError, check_pretrained_load, convert_to_d2, default_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC = {"resnet18": "r18", "resnet34": "r34", "resnet50": "r50", "efficientnet_b0": "effb0",
@@ -217,3 +218,36 @@ def test_cli_end_to_end(tmp_path):
     bad = _cli(path, str(tmp_path / "bad.pkl"), "--config-file", "configs/detection/voc/r50_C4_24k.yaml")
     assert bad.returncode != 0 and "shape mismatch" in bad.stderr and "--config-file" in bad.stderr
     assert not os.path.exists(tmp_path / "bad.pkl")
+
+
+@pytest.mark.parametrize("arch", ["convnet_tiny", "convnet_small"])
+def test_arch_without_detectron2_backbone_is_refused_naming_the_supported_ones(tmp_path, arch):
+    """The demo's convnets have no detectron2 backbone: a clear error naming the arch and the detection students, not
+    the suggestion of an (unrelated) R-50 config; with --config-file as well, and nothing is written."""
+    path, _ = _export(tmp_path, arch)
+    out = str(tmp_path / "out.pkl")
+    for config_file in (None, os.path.join(ROOT, "configs/detection/voc/r18_C4_24k.yaml")):
+        with pytest.raises(UnsupportedArchError) as e:
+            convert_to_d2(path, out, config_file=config_file)
+        msg = str(e.value)
+        assert f"architecture {arch!r} has no detectron2 backbone" in msg
+        for student, short in (("resnet18", "r18"), ("resnet34", "r34"), ("resnet50", "r50"),
+                               ("efficientnet_b0", "effb0"), ("efficientnet_b1", "effb1"),
+                               ("mobilenetv3_large_100", "mobv3l")):
+            assert f"{student} ({short})" in msg
+        assert "r50_C4_24k" not in msg and "MODEL.RESNETS.DEPTH" not in msg
+        assert not os.path.exists(out)
+    with pytest.raises(UnsupportedArchError, match=arch):
+        default_config(arch)
+
+
+def test_every_convertible_arch_has_a_detection_config():
+    """The architectures transfer.convert maps to detectron2 are exactly the students with a config and the
+    teachers whose R-50 overrides the errors name."""
+    assert set(RESNET_ARCHS) | set(TIMM_LAYOUTS) == set(DEFAULT_CONFIGS) | set(TEACHER_CONFIG_OPTS)
+    assert not set(DEFAULT_CONFIGS) & set(TEACHER_CONFIG_OPTS)
+    assert os.path.isfile(os.path.join(ROOT, default_config("resnet18")))
+    with pytest.raises(ValueError, match="--config-file configs/detection/voc/r50_C4_24k.yaml "
+                                         "MODEL.RESNETS.DEPTH 101") as e:
+        default_config("resnet101")
+    assert not isinstance(e.value, UnsupportedArchError)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pretrain.export import load_exported_backbone
 from pretrain.knn import KnnData, knn_accuracy, knn_evaluate
+from transfer.knn import knn_summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +66,11 @@ def test_cli_end_to_end_and_the_monitor_api(tmp_path, imagefolder, teacher_expor
     acc = knn_evaluate(backbone, data, torch.device("cpu"), k=5, temperature=0.1)
     assert len(data.bank) == 40
     assert (round(acc["top1"], 3), round(acc["top5"], 3)) == (res["top1"], res["top5"])
+
+
+def test_summary_line_prints_accuracies_with_two_decimals():
+    r = {"arch": "resnet18", "dataset": "imagenet", "subset": "", "top1": 48.2, "top5": 71.004, "k": 20,
+         "temperature": 0.07, "train_images": 1281167}
+    assert knn_summary_line(r) == "knn resnet18 imagenet: top-1 48.20 top-5 71.00 (k=20, T=0.07, 1281167 train images)"
+    assert knn_summary_line({**r, "subset": "40 class-balanced", "top1": 100.0, "top5": 100.0}) == \
+        "knn resnet18 imagenet (40 class-balanced): top-1 100.00 top-5 100.00 (k=20, T=0.07, 1281167 train images)"

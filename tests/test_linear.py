@@ -1,13 +1,16 @@
 """Linear evaluation: the CLI end to end, a frozen backbone that stays bitwise unchanged, resume, --eval-only, strict
 loading, official MoCo checkpoints and every student architecture."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import pretrain.knn as pretrain_knn
 from pretrain.export import export_encoder
 from pretrain.formats import read_backbone
 from pretrain.encoder import build_encoder
@@ -179,3 +182,74 @@ def test_two_processes_train_the_same_classifier_as_one(tmp_path, imagefolder, t
     assert abs(runs[2]["top1"] - runs[1]["top1"]) <= 100 / 16 + 1e-6
     for k in runs[1]["clf"]:
         torch.testing.assert_close(runs[2]["clf"][k], runs[1]["clf"][k], rtol=1e-4, atol=1e-5)
+
+
+CACHED = {"DATA.TRAIN_AUGMENT": False, "SOLVER.CACHE_FEATURES": True, "DATA.VAL_RESIZE": 32}
+
+
+def test_progress_bars_and_a_log_line_per_epoch(tmp_path, imagefolder, teacher_export, capsys, caplog, monkeypatch):
+    """Feature extraction, every epoch (running loss and lr in the postfix) and the evaluation show a tqdm bar on
+    stderr; each epoch also logs its line. The bars are shown from the start here (the run is seconds long)."""
+    monkeypatch.setattr(pretrain_knn, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(pretrain_knn, "PROGRESS_INTERVAL_S", (0.0, 0.0))
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        LinearEvaluator(cfg_of(tmp_path, imagefolder, teacher_export, **CACHED, **{"SOLVER.BASE_LR": 0.02})).run()
+    err = capsys.readouterr().err
+    eta = r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+"
+    assert re.search(rf"train features: 100%\|.*\| 64/64 {eta}img/s\]", err), err
+    assert re.search(rf"val features: 100%\|.*\| 16/16 {eta}img/s\]", err), err
+    for epoch in (1, 2):  # 64 images / batch 16; the running mean loss of a healthy probe stays near ln(4)
+        assert re.search(rf"epoch {epoch}/2: +100%\|.*\| 4/4 {eta}batch/s, loss=1\.\d+, lr=0\.02\]", err), err
+    assert re.search(rf"evaluate: 100%\|.*\| 16/16 {eta}img/s\]", err), err
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [m.split(":")[0] for m in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.fullmatch(r"epoch \d/2: lr 0\.02 loss 1\.\d{4} train top-1 \d+\.\d\d", m) for m in epochs), epochs
+
+
+def _exploded(caplog):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and
+            r.getMessage().startswith("training loss exploded")]
+
+
+def test_exploding_loss_is_warned_once_and_recorded(tmp_path, imagefolder, teacher_export, caplog):
+    """lr 30 (the paper's, for ResNets) on 64 tiny images: the mean loss reaches ~1000 x ln(4) in the first epoch.
+    One warning for the run, also after a resume (it is kept in the checkpoint), listed in results.json."""
+    over = {**CACHED, "SOLVER.BASE_LR": 30, "SOLVER.EPOCHS": 3}
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        assert LinearEvaluator(cfg_of(tmp_path, imagefolder, teacher_export, **over,
+                                      **{"SOLVER.STOP_AT_EPOCH": 1})).run() is None
+    (first,) = _exploded(caplog)
+    msg = first.getMessage()
+    assert "the mean loss of epoch 1 is" in msg and "more than 10 x ln(4) = 13.9" in msg
+    assert "Lower SOLVER.BASE_LR (now 30): try SOLVER.BASE_LR 3," in msg
+    assert "assumes ImageNet-scale training on BatchNorm-normalised features" in msg
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        res = LinearEvaluator(cfg_of(tmp_path, imagefolder, teacher_export, **over)).run()  # resumes at epoch 1
+    assert _exploded(caplog) == [] and res["epochs"] == 3
+    assert res["warnings"] == [msg] == json.loads((tmp_path / "results.json").read_text())["warnings"]
+    reminders = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert reminders == [f"this run's results come with a warning (results.json 'warnings'): {msg}"]
+
+
+def test_healthy_loss_is_not_warned_and_non_finite_loss_is_an_error(tmp_path, imagefolder, teacher_export, caplog):
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        res = LinearEvaluator(cfg_of(tmp_path / "ok", imagefolder, teacher_export, **CACHED, **{
+            "SOLVER.BASE_LR": 0.02, "SOLVER.EPOCHS": 3})).run()
+    assert res["warnings"] == [] and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "ok/metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and max(losses) < 2  # near ln(4) = 1.39, far below the 13.9 that warns
+    with pytest.raises(FloatingPointError, match="non-finite loss in epoch 1; lower SOLVER.BASE_LR"):
+        LinearEvaluator(cfg_of(tmp_path / "inf", imagefolder, teacher_export, **CACHED,
+                               **{"SOLVER.BASE_LR": 1e38})).run()
+
+
+def test_summary_lines_print_accuracies_with_two_decimals():
+    """linear, semi-supervised and CIFAR runs share summary_line (kNN: tests/test_knn.py)."""
+    r = {"eval": "linear", "arch": "resnet18", "dataset": "imagenet", "subset": "", "train_images": 1281167,
+         "top1": 61.234, "top5": 99.996, "epochs": 100}
+    assert summary_line(r) == "linear resnet18 imagenet: top-1 61.23 top-5 100.00 (100 epochs)"
+    assert summary_line({**r, "eval": "semi", "subset": "1percent.txt", "train_images": 12811, "top1": 5.0}) == \
+        "semi resnet18 imagenet (1percent.txt, 12811 images): top-1 5.00 top-5 100.00 (100 epochs)"
+    assert summary_line({**r, "dataset": "cifar10", "top1": 88.125, "top5": 99.5}) == \
+        "linear resnet18 cifar10: top-1 88.12 top-5 99.50 (100 epochs)"

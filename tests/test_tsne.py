@@ -1,7 +1,9 @@
 """t-SNE (paper Figure 8) and training-curve plots: deterministic selection, an embedding that keeps separated
 classes apart, PNGs written through the CLIs."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -34,12 +36,18 @@ def test_selection_is_deterministic_and_balanced():
     assert select_tsne_indices(targets, 3, 5, seed=1) != (idx, classes)
 
 
-def test_embedding_keeps_separated_classes_apart():
+def test_embedding_keeps_separated_classes_apart(caplog):
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 64, generator=g) * 3
     labels = torch.arange(4).repeat_interleave(25)
     feats = centres[labels] + 0.3 * torch.randn(100, 64, generator=g)
-    emb = tsne_embed(feats, seed=0, perplexity=30)
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        emb = tsne_embed(feats, seed=0, perplexity=30)
+    # scikit-learn's fit reports nothing: a log line before (what is embedded) and after (how long it took)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "transfer"]
+    assert msgs[0] == "t-SNE of 100 points (64-d features, perplexity 30) started; scikit-learn reports nothing " \
+                      "until it ends"
+    assert re.fullmatch(r"t-SNE of 100 points done in \d+\.\d s", msgs[1]) and len(msgs) == 2
     assert emb.shape == (100, 2) and np.isfinite(emb).all()
     assert np.array_equal(emb, tsne_embed(feats, seed=0, perplexity=30))  # random_state fixed
     # leave-one-out 1-NN in the 2-D map: separated clusters stay separated

@@ -22,11 +22,11 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from transfer.d2.weights import LoadError, convert_to_d2  # noqa: E402
+from pretrain.cli import HelpFormatter  # noqa: E402  (light: --help never imports torch or detectron2)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/convert_to_d2.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("input", help="checkpoint to convert")
     p.add_argument("output", help="detectron2 weights to write (.pkl)")
     p.add_argument("--arch", default=None, help="pretrain.backbones name (resnet18, efficientnet_b0, ...); default: "
@@ -35,8 +35,16 @@ def main(argv=None) -> int:
                                                        "configs/detection/voc/<arch>_C4_24k.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not one line per key")
-    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides (e.g. MODEL.RESNETS.DEPTH 101)")
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="config overrides of --config-file, before, between or after the flags (e.g. "
+                        "MODEL.RESNETS.DEPTH 101)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    from transfer.d2.weights import LoadError, convert_to_d2
+
     try:
         report, conv, config_file = convert_to_d2(args.input, args.output, args.arch, args.config_file, args.opts,
                                                   args.force)

@@ -29,6 +29,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
 import torch  # noqa: E402
 
 from pretrain.backbones import build_backbone  # noqa: E402
+from pretrain.cli import HelpFormatter, LauncherParser  # noqa: E402
 from pretrain.config import setup_cfg  # noqa: E402
 from pretrain.export import load_exported_backbone  # noqa: E402
 from pretrain.knn import KnnData, knn_evaluate  # noqa: E402
@@ -86,15 +87,21 @@ def train_side_by_side(cfgs):
     return results
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """Flags and KEY VALUE overrides in any order (:class:`pretrain.cli.LauncherParser`)."""
+    p = LauncherParser(prog="tools/demo.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--output-dir", default="runs/demo", help="everything goes here: data/, one folder per stage")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic dataset")
+    p.add_argument("--train-per-class", type=int, default=300, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=50, help="held-out images per class (kNN, linear, t-SNE)")
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (data, training, evaluation)")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="pretraining config overrides for all three runs (pretrain/config.py), e.g. SOLVER.EPOCHS 2")
+    return p
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, default=300)
-    p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for all three runs")
-    args = p.parse_args()
+    args = build_parser().parse_args()
     out = os.path.abspath(args.output_dir)
     t0 = time.perf_counter()
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Linear evaluation of a frozen backbone: ImageNet, semi-supervised 1 % / 10 % subsets, CIFAR-10/100.
 
-    python tools/eval_linear.py --config-file configs/eval/linear_imagenet_resnet.yaml \
-        MODEL.WEIGHTS runs/disco_r50_r18/export/resnet18.pth DATA.TRAIN_DIR /datasets/imagenet/train \
+    python tools/eval_linear.py --config-file configs/eval/linear_imagenet_resnet.yaml \\
+        MODEL.WEIGHTS runs/disco_r50_r18/export/resnet18.pth DATA.TRAIN_DIR /datasets/imagenet/train \\
         DATA.VAL_DIR /datasets/imagenet/val OUTPUT_DIR runs/linear_r18 [--num-gpus 8] [--eval-only] [--resume]
     python tools/eval_linear.py --slurm --partition P --gpus-per-node 8 --config-file ... [--wait]
 
 Writes OUTPUT_DIR/results.json and prints one summary line; reruns continue from OUTPUT_DIR's newest checkpoint.
+Logic: transfer.linear.
 """
 import os
 import sys
@@ -16,9 +17,17 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain.launch import argument_parser, launch_main  # noqa: E402
-from transfer.config import setup_eval_cfg  # noqa: E402
-from transfer.linear import run  # noqa: E402
+from pretrain.cli import argument_parser  # noqa: E402  (light: --help and argument errors never import torch)
+
+
+def build_parser():
+    return argument_parser("eval_linear", __doc__)
+
 
 if __name__ == "__main__":
-    launch_main(run, argument_parser(__doc__).parse_args(), "eval_linear", lambda a: setup_eval_cfg(a.config_file, a.opts))
+    args = build_parser().parse_args()
+    from pretrain.launch import launch_main
+    from transfer.config import setup_eval_cfg
+    from transfer.linear import run
+
+    launch_main(run, args, "eval_linear", lambda a: setup_eval_cfg(a.config_file, a.opts))

@@ -23,7 +23,8 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain import synthetic  # noqa: E402
+from pretrain import synthetic  # noqa: E402  (no torch: --help stays fast)
+from pretrain.cli import HelpFormatter  # noqa: E402
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -99,33 +100,37 @@ def _add_detection(p: argparse.ArgumentParser) -> None:
                    help="SIDE, or WIDTH HEIGHT, in pixels")
     p.add_argument("--objects-per-image", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"),
                    help="objects attempted per image (non-overlapping; a crowded image may hold fewer)")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="PIL JPEG quality, 1 (worst) to 95 (best)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="layout", required=True)
+    parser = argparse.ArgumentParser(prog="tools/make_data.py", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="layout", required=True, metavar="LAYOUT",
+                                help="the dataset layout to write; `tools/make_data.py LAYOUT --help` for its options")
 
-    p = sub.add_parser("imagefolder", help="ImageNet layout: OUT/{train,val}/<class>/<class>_NNNNN.jpg")
+    def add_layout(name: str, what: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, description=what, formatter_class=HelpFormatter)
+
+    p = add_layout("imagefolder", "ImageNet layout: OUT/{train,val}/<class>/<class>_NNNNN.jpg")
     _add_common(p)
     p.add_argument("--num-classes", type=int, default=10, help=f"1..{synthetic.MAX_CLASSES} shape classes")
-    p.add_argument("--train-per-class", type=int, default=300)
-    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--train-per-class", type=int, default=300, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
     p.add_argument("--image-size", type=int, default=64, help="square side in pixels")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="PIL JPEG quality, 1 (worst) to 95 (best)")
     p.set_defaults(func=_imagefolder)
 
-    p = sub.add_parser("cifar", help="CIFAR python pickles: OUT/cifar-10-batches-py/ or OUT/cifar-100-python/")
+    p = add_layout("cifar", "CIFAR python pickles: OUT/cifar-10-batches-py/ or OUT/cifar-100-python/")
     _add_common(p)
-    p.add_argument("--variant", choices=["cifar10", "cifar100"], default="cifar10")
+    p.add_argument("--variant", choices=["cifar10", "cifar100"], default="cifar10", help="which CIFAR to imitate")
     p.add_argument("--num-classes", type=int, default=None,
                    help=f"1..{synthetic.MAX_CLASSES} shape classes (default 10 for cifar10, "
                         f"{synthetic.MAX_CLASSES} for cifar100)")
-    p.add_argument("--train-per-class", type=int, default=500)
-    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--train-per-class", type=int, default=500, help="training images per class")
+    p.add_argument("--test-per-class", type=int, default=100, help="test images per class")
     p.set_defaults(func=_cifar)
 
-    p = sub.add_parser("subset", help="SimCLR-style 1percent.txt: a class-balanced list of train image names")
+    p = add_layout("subset", "SimCLR-style 1percent.txt: a class-balanced list of train image names")
     p.add_argument("imagefolder_root", help="an ImageFolder root holding train/<class>/<images>")
     p.add_argument("out_file", help="the list to write (must be absent or identical)")
     how = p.add_mutually_exclusive_group(required=True)
@@ -134,19 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="non-negative; the same seed gives the same list")
     p.set_defaults(func=_subset)
 
-    p = sub.add_parser("voc", help="one VOC year directory: OUT/{JPEGImages,Annotations,ImageSets/Main}")
+    p = add_layout("voc", "one VOC year directory: OUT/{JPEGImages,Annotations,ImageSets/Main}")
     _add_common(p)
     _add_detection(p)
-    p.add_argument("--trainval-images", type=int, default=200)
-    p.add_argument("--test-images", type=int, default=100)
+    p.add_argument("--trainval-images", type=int, default=200, help="images of the trainval split")
+    p.add_argument("--test-images", type=int, default=100, help="images of the test split")
     p.add_argument("--year", default="2007", help="written into the xml <folder> as VOC<year>")
     p.set_defaults(func=_voc)
 
-    p = sub.add_parser("coco", help="COCO 2017: OUT/{train2017,val2017}/*.jpg + OUT/annotations/instances_*.json")
+    p = add_layout("coco", "COCO 2017: OUT/{train2017,val2017}/*.jpg + OUT/annotations/instances_*.json")
     _add_common(p)
     _add_detection(p)
-    p.add_argument("--train-images", type=int, default=200)
-    p.add_argument("--val-images", type=int, default=50)
+    p.add_argument("--train-images", type=int, default=200, help="images of train2017")
+    p.add_argument("--val-images", type=int, default=50, help="images of val2017")
     p.set_defaults(func=_coco)
     return parser
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Pretrain a teacher with MoCo-v2 or distil a student with DisCo.
 
-    python tools/pretrain.py --config-file configs/pretrain/quickstart.yaml [--num-gpus N] [--resume] [KEY VALUE ...]
+    python tools/pretrain.py --config-file configs/pretrain/quickstart.yaml [KEY VALUE ...] [--num-gpus N] [--resume]
     python tools/pretrain.py --slurm --partition P --nodes 1 --gpus-per-node 8 --config-file ... [--wait]
+
+Writes OUTPUT_DIR/config.yaml, log.txt, metrics.jsonl, checkpoints/ and, at the end, export/ (the backbone and head
+for the evaluators). A rerun continues from OUTPUT_DIR's newest checkpoint. Logic: pretrain.launch / pretrain.trainer.
 """
 import os
 import sys
@@ -12,7 +15,15 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain.launch import argument_parser, main  # noqa: E402
+from pretrain.cli import argument_parser  # noqa: E402  (light: --help and argument errors never import torch)
+
+
+def build_parser():
+    return argument_parser("pretrain", __doc__)
+
 
 if __name__ == "__main__":
-    main(argument_parser().parse_args())
+    args = build_parser().parse_args()
+    from pretrain.launch import main
+
+    main(args)

@@ -7,8 +7,9 @@
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS runs/det/voc_r18/model_final.pth
     python tools/train_net.py --config-file ... --slurm --gpus-per-node 8 --partition learnfair ...
 
-detectron2's ``default_argument_parser`` plus the project's SLURM flags; datasets under ``$DETECTRON2_DATASETS``
-(VOC2007/, VOC2012/, coco/) or the synthetic ones (``DATASETS.SYNTHETIC_ROOT``). Logic: :mod:`transfer.d2.train`.
+Datasets under $DETECTRON2_DATASETS (VOC2007/, VOC2012/, coco/) or the synthetic ones (DATASETS.SYNTHETIC_ROOT).
+Writes detectron2's outputs to OUTPUT_DIR (model_*.pth, metrics.json, log.txt) and results.json with the final
+evaluation. Logic: transfer.d2.train.
 """
 import os
 import sys
@@ -18,9 +19,16 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain.launch import argument_parser  # noqa: E402
-from transfer.d2.train import main  # noqa: E402
+from pretrain.cli import argument_parser, user_errors  # noqa: E402  (light: --help never imports torch)
+
+
+def build_parser():
+    return argument_parser("train_net", __doc__)
+
 
 if __name__ == "__main__":
-    args = argument_parser("detectron2 transfer of DisCo students (train / evaluate)").parse_args()
-    main(args)
+    args = build_parser().parse_args()
+    from transfer.d2.train import main
+
+    with user_errors("train_net"):  # main refuses some flag combinations before launch_main checks the config
+        main(args)

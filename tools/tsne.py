@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """t-SNE of frozen features of N classes (the paper's Figure 8), one panel per model, written to OUTPUT_DIR/tsne.png.
 
-    python tools/tsne.py --config-file configs/eval/tsne_imagenet.yaml DATA.TRAIN_DIR /datasets/imagenet/train \
-        DATA.VAL_DIR /datasets/imagenet/val MODEL.WEIGHTS runs/moco_effb0/export/efficientnet_b0.pth \
-        TSNE.COMPARE_WEIGHTS "['moco_v2_200ep_pretrain.pth.tar', 'runs/disco_r50_effb0/export/efficientnet_b0.pth']" \
+    python tools/tsne.py --config-file configs/eval/tsne_imagenet.yaml DATA.TRAIN_DIR /datasets/imagenet/train \\
+        DATA.VAL_DIR /datasets/imagenet/val MODEL.WEIGHTS runs/moco_effb0/export/efficientnet_b0.pth \\
+        TSNE.COMPARE_WEIGHTS "['moco_v2_200ep_pretrain.pth.tar', 'runs/disco_r50_effb0/export/efficientnet_b0.pth']" \\
         TSNE.COMPARE_ARCHS "['resnet50', '']" OUTPUT_DIR runs/tsne
+
+It trains nothing: no --resume or --eval-only. Logic: transfer.tsne.
 """
 import os
 import sys
@@ -14,9 +16,17 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
-from pretrain.launch import argument_parser, launch_main  # noqa: E402
-from transfer.config import setup_eval_cfg  # noqa: E402
-from transfer.tsne import run  # noqa: E402
+from pretrain.cli import argument_parser  # noqa: E402  (light: --help and argument errors never import torch)
+
+
+def build_parser():
+    return argument_parser("tsne", __doc__)
+
 
 if __name__ == "__main__":
-    launch_main(run, argument_parser(__doc__).parse_args(), "tsne", lambda a: setup_eval_cfg(a.config_file, a.opts))
+    args = build_parser().parse_args()
+    from pretrain.launch import launch_main
+    from transfer.config import setup_eval_cfg
+    from transfer.tsne import run
+
+    launch_main(run, args, "tsne", lambda a: setup_eval_cfg(a.config_file, a.opts))

@@ -1,12 +1,12 @@
 """The evaluators' configuration (linear, semi-supervised, CIFAR, kNN, t-SNE) and their command line.
 
 One config language with the pretrainer: an fvcore ``CfgNode`` that rejects duplicated yaml keys
-(:class:`pretrain.cfgnode.StrictYamlMixin`), ``_BASE_`` inheritance, trailing ``KEY VALUE`` overrides, and the resolved
-config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. The command line is detectron2's
-``default_argument_parser`` plus the SLURM flags of :mod:`pretrain.slurm`, launched the way ``pretrain/launch.py``
-does (local, ``--num-gpus N`` processes, or ``--slurm``).
+(:class:`pretrain.cfgnode.StrictYamlMixin`), ``_BASE_`` inheritance, ``KEY VALUE`` overrides, and the resolved
+config written to ``OUTPUT_DIR/config.yaml``. Every key has a one-line comment. The command line is the one of
+:mod:`pretrain.cli` (detectron2's flags plus the SLURM flags of :mod:`pretrain.slurm`), launched the way
+``pretrain/launch.py`` does (local, ``--num-gpus N`` processes, or ``--slurm``).
 """
-from pretrain.cfgnode import CfgNode, check_ranges, merge_and_freeze
+from pretrain.cfgnode import CfgNode, ConfigError, check_ranges, merge_and_freeze
 
 CN = CfgNode
 _C = CN()
@@ -108,33 +108,33 @@ VALUE_RANGES = (
 def validate_eval_cfg(cfg: CfgNode) -> None:
     d, s = cfg.DATA, cfg.SOLVER
     if not cfg.OUTPUT_DIR:
-        raise ValueError("OUTPUT_DIR is empty: name the folder the evaluation writes to")
+        raise ConfigError("OUTPUT_DIR is empty: name the folder the evaluation writes to")
     check_ranges(cfg, VALUE_RANGES)
     if d.VAL_RESIZE and d.VAL_RESIZE < d.IMAGE_SIZE:
-        raise ValueError(f"DATA.VAL_RESIZE {d.VAL_RESIZE} is out of range: must be >= DATA.IMAGE_SIZE {d.IMAGE_SIZE} "
-                         f"(the centre crop is taken from the resized image), or 0 for IMAGE_SIZE / 0.875")
+        raise ConfigError(f"DATA.VAL_RESIZE {d.VAL_RESIZE} is out of range: must be >= DATA.IMAGE_SIZE {d.IMAGE_SIZE} "
+                          f"(the centre crop is taken from the resized image), or 0 for IMAGE_SIZE / 0.875")
     steps = list(s.STEPS)
     if s.SCHEDULER == "multistep" and (not all(isinstance(x, int) and x >= 1 for x in steps) or steps != sorted(steps)):
-        raise ValueError(f"SOLVER.STEPS {tuple(steps)} is out of range: must be epochs >= 1 in ascending order")
+        raise ConfigError(f"SOLVER.STEPS {tuple(steps)} is out of range: must be epochs >= 1 in ascending order")
     if d.DATASET not in DATASETS:
-        raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
+        raise ConfigError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
     if d.INTERPOLATION not in ("bilinear", "bicubic"):
-        raise ValueError(f"DATA.INTERPOLATION must be 'bilinear' or 'bicubic', got {d.INTERPOLATION!r}")
+        raise ConfigError(f"DATA.INTERPOLATION must be 'bilinear' or 'bicubic', got {d.INTERPOLATION!r}")
     if s.SCHEDULER not in ("multistep", "cosine"):
-        raise ValueError(f"SOLVER.SCHEDULER must be 'multistep' or 'cosine', got {s.SCHEDULER!r}")
+        raise ConfigError(f"SOLVER.SCHEDULER must be 'multistep' or 'cosine', got {s.SCHEDULER!r}")
     if cfg.MODEL.AMP_DTYPE not in ("", "bfloat16", "float16"):
-        raise ValueError(f"MODEL.AMP_DTYPE must be '', 'bfloat16' or 'float16', got {cfg.MODEL.AMP_DTYPE!r}")
+        raise ConfigError(f"MODEL.AMP_DTYPE must be '', 'bfloat16' or 'float16', got {cfg.MODEL.AMP_DTYPE!r}")
     if s.CACHE_FEATURES and d.TRAIN_AUGMENT:
-        raise ValueError("SOLVER.CACHE_FEATURES needs DATA.TRAIN_AUGMENT False: cached features are computed once, "
-                         "so random crops / flips cannot be redrawn each epoch")
+        raise ConfigError("SOLVER.CACHE_FEATURES needs DATA.TRAIN_AUGMENT False: cached features are computed once, "
+                          "so random crops / flips cannot be redrawn each epoch")
     chosen = [k for k, v in (("DATA.SUBSET_FILE", d.SUBSET_FILE), ("DATA.SUBSET_PERCENT", d.SUBSET_PERCENT),
                              ("DATA.SUBSET_PER_CLASS", d.SUBSET_PER_CLASS)) if v]
     if len(chosen) > 1:
-        raise ValueError(f"choose one way to take a training subset, got {' and '.join(chosen)}")
+        raise ConfigError(f"choose one way to take a training subset, got {' and '.join(chosen)}")
     if d.SUBSET_FILE and d.DATASET != "imagefolder":
-        raise ValueError("DATA.SUBSET_FILE names ImageFolder files; for CIFAR use DATA.SUBSET_PERCENT / PER_CLASS")
+        raise ConfigError("DATA.SUBSET_FILE names ImageFolder files; for CIFAR use DATA.SUBSET_PERCENT / PER_CLASS")
     if len(cfg.TSNE.COMPARE_ARCHS) > len(cfg.TSNE.COMPARE_WEIGHTS):
-        raise ValueError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
+        raise ConfigError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
 
 
 def setup_eval_cfg(config_file: str = "", opts=()) -> CfgNode:

@@ -57,8 +57,8 @@ def _knn(cfg) -> Dict:
     tf = eval_transform_from_cfg(cfg)
     kw = dict(device=device, batch_size=cfg.TEST.IMS_PER_BATCH, num_workers=cfg.DATA.NUM_WORKERS,
               amp_dtype=amp_dtype(cfg.MODEL.AMP_DTYPE), channels_last=cfg.MODEL.CHANNELS_LAST)
-    train_f = F.normalize(extract_features(backbone, TransformedDataset(train, tf), **kw), dim=1)
-    val_f = F.normalize(extract_features(backbone, TransformedDataset(val, tf), **kw), dim=1)
+    train_f = F.normalize(extract_features(backbone, TransformedDataset(train, tf), desc="train features", **kw), dim=1)
+    val_f = F.normalize(extract_features(backbone, TransformedDataset(val, tf), desc="val features", **kw), dim=1)
     results = {}
     if rank == 0:
         acc = knn_accuracy(train_f, torch.as_tensor(train.targets), val_f, torch.as_tensor(val.targets),

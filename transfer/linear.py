@@ -13,6 +13,16 @@ Runs are resumable (an atomic checkpoint of classifier, optimizer, scheduler, ep
 always continues from the newest one in OUTPUT_DIR) and DDP-ready (each process takes its share of every batch; only
 the classifier is wrapped in DDP; metrics are summed across processes).
 
+Progress: every epoch, evaluation pass and feature extraction longer than a few seconds shows a tqdm bar with an ETA
+on rank 0's stderr (the epoch's bar carries the running mean loss and the lr); each epoch also logs one line.
+
+Loss explosion: an epoch whose mean training loss exceeds LOSS_EXPLOSION_FACTOR (10) times ln(number of classes),
+the loss of a uniform guess, has diverged (a healthy probe starts near ln(classes), at its N(0, 0.01) init, and goes
+down). That is warned once per run (logged, kept in the checkpoints and listed in results.json ``warnings``) with the
+SOLVER.BASE_LR to try instead: the paper's lr 30 (ResNets) / 3 (EfficientNet, MobileNet) was tuned on ImageNet
+(1.28 M images, 1000 classes) with the features of BatchNorm-trained backbones, and on small data it often diverges.
+A non-finite loss stops the run with an error.
+
 The toolkit shared with the other evaluators (frozen backbone, datasets, transforms, sampler) is :mod:`transfer.common`.
 """
 import argparse
@@ -33,7 +43,7 @@ from torch.utils.data import DataLoader
 from pretrain import distributed as du
 from pretrain.backbones import get_spec
 from pretrain.checkpoint import Checkpointer
-from pretrain.knn import backbone_features, extract_features
+from pretrain.knn import backbone_features, extract_features, progress_bar
 from pretrain.precision import amp_dtype
 from pretrain.runlog import truncate_metrics
 
@@ -42,6 +52,8 @@ from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_n
 from .config import CfgNode, setup_eval_cfg
 
 logger = logging.getLogger("transfer")
+
+LOSS_EXPLOSION_FACTOR = 10.0  # warn when an epoch's mean loss > this x ln(classes), the loss of a uniform guess
 
 # ----------------------------------------------------------------------------------------------------------------
 # The classifier and its schedule
@@ -106,6 +118,7 @@ class LinearEvaluator:
         self.epoch = 0
         self.cache: Optional[Dict[str, torch.Tensor]] = None  # split -> N x D frozen features (CACHE_FEATURES)
         self.cache_seconds = 0.0
+        self.warnings: List[str] = []  # once-per-run warnings (loss explosion), kept in checkpoints and results.json
         logger.info("linear evaluation of %s (%s, %s format) on %s%s: %d training / %d evaluation images, %d classes, "
                     "%d processes x %d, %d epochs, lr %g (%s), %s", self.arch, self.info["weights"],
                     self.info["format"], dataset_name(cfg), f" ({self.subset})" if self.subset else "", len(train),
@@ -120,7 +133,7 @@ class LinearEvaluator:
         return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "rng": torch.get_rng_state(),
                 "arch": self.arch, "weights": self.info["weights"], "num_classes": self.num_classes,
-                "feature_dim": self.feature_dim, "cfg": self.cfg.dump()}
+                "feature_dim": self.feature_dim, "warnings": list(self.warnings), "cfg": self.cfg.dump()}
 
     def resume_or_start(self) -> None:
         state, path = self.checkpointer.load_latest()
@@ -141,6 +154,7 @@ class LinearEvaluator:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
+        self.warnings = list(state.get("warnings", []))  # checkpoints written before warnings existed have none
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         if self.rank == 0:
@@ -154,7 +168,8 @@ class LinearEvaluator:
         kw = dict(device=self.device, batch_size=self.cfg.TEST.IMS_PER_BATCH, num_workers=self.cfg.DATA.NUM_WORKERS,
                   amp_dtype=self.amp_dtype, channels_last=self.cfg.MODEL.CHANNELS_LAST)
         datasets = {"train": self.train_set, "val": self.val_set}
-        self.cache = dict(self.cache or {}, **{s: extract_features(self.backbone, datasets[s], **kw) for s in splits})
+        self.cache = dict(self.cache or {}, **{s: extract_features(self.backbone, datasets[s], desc=f"{s} features",
+                                                                   **kw) for s in splits})
         self.cache_seconds += time.perf_counter() - t
         logger.info("cached the frozen features of %s in %.1f s", " and ".join(
             f"{len(datasets[s])} {s} images" for s in splits), time.perf_counter() - t)
@@ -183,26 +198,50 @@ class LinearEvaluator:
         return t.tolist()
 
     def train_epoch(self) -> Dict[str, float]:
+        """One epoch; rank 0 shows a bar of its batches with the running mean loss and the lr. Raises on a
+        non-finite loss and warns (once per run) when the epoch's mean loss exploded (:meth:`_check_explosion`)."""
         self.sampler.set_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, hits, seen = 0.0, 0, 0
         self.classifier_ddp.train()
-        for feats, labels in self._train_batches():
-            logits = self.classifier_ddp(feats)
-            loss = F.cross_entropy(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.item() * len(labels)
-            hits += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
+        batches = math.ceil(len(self.sampler) / self.local_batch)
+        with progress_bar(batches, f"epoch {self.epoch + 1}/{self.cfg.SOLVER.EPOCHS}", unit="batch",
+                          leave=False) as bar:  # the epoch's log line follows
+            for feats, labels in self._train_batches():
+                logits = self.classifier_ddp(feats)
+                loss = F.cross_entropy(logits, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += loss.item() * len(labels)
+                hits += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4g}", lr=f"{lr:.4g}", refresh=False)
+                bar.update(1)
         self.scheduler.step()
         self.epoch += 1
         loss_sum, hits, seen = self._reduce([loss_sum, hits, seen])
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"non-finite loss in epoch {self.epoch}; lower SOLVER.BASE_LR (the classifier "
                                      f"of the previous epoch is the last checkpoint)")
+        self._check_explosion(loss_sum / seen, lr)
         return {"epoch": self.epoch, "lr": lr, "loss": loss_sum / seen, "train_top1": 100.0 * hits / seen}
+
+    def _check_explosion(self, loss: float, lr: float) -> None:
+        """Warn once per run when the epoch's mean loss exceeds LOSS_EXPLOSION_FACTOR x ln(classes), the loss of a
+        uniform guess: the classifier diverged (a healthy probe starts near ln(classes) and goes down)."""
+        limit = LOSS_EXPLOSION_FACTOR * math.log(self.num_classes)
+        if loss <= limit or any(w.startswith("training loss exploded") for w in self.warnings):
+            return
+        base = self.cfg.SOLVER.BASE_LR
+        msg = (f"training loss exploded: the mean loss of epoch {self.epoch} is {loss:.4g}, more than "
+               f"{LOSS_EXPLOSION_FACTOR:g} x ln({self.num_classes}) = {limit:.3g} ({LOSS_EXPLOSION_FACTOR:g} times "
+               f"the loss of a uniform guess; lr {lr:.4g} this epoch). Lower SOLVER.BASE_LR (now {base:g}): try "
+               f"SOLVER.BASE_LR {base / 10:g}, and lower again if this recurs. The paper's lr (30 for ResNets, 3 for "
+               f"EfficientNet / MobileNet) assumes ImageNet-scale training on BatchNorm-normalised features; on "
+               f"small datasets or other features it diverges and the accuracies are unreliable.")
+        self.warnings.append(msg)
+        logger.warning(msg)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -220,9 +259,11 @@ class LinearEvaluator:
             batches = ((backbone_features(self.backbone, x.to(self.device), self.amp_dtype,
                                           self.cfg.MODEL.CHANNELS_LAST), y) for x, y in loader)
         top1 = top5 = seen = 0
-        for feats, y in batches:
-            h1, h5 = topk_correct(self.classifier(feats.to(self.device)), y.to(self.device))
-            top1, top5, seen = top1 + h1, top5 + h5, seen + len(y)
+        with progress_bar(len(mine), "evaluate", unit="img") as bar:
+            for feats, y in batches:
+                h1, h5 = topk_correct(self.classifier(feats.to(self.device)), y.to(self.device))
+                top1, top5, seen = top1 + h1, top5 + h5, seen + len(y)
+                bar.update(len(y))
         top1, top5, seen = self._reduce([top1, top5, seen])
         self.classifier.train()
         return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "images": int(seen)}
@@ -287,13 +328,15 @@ class LinearEvaluator:
             "lr": cfg.SOLVER.BASE_LR, "scheduler": cfg.SOLVER.SCHEDULER,
             "steps": list(cfg.SOLVER.STEPS) if cfg.SOLVER.SCHEDULER == "multistep" else [],
             "gamma": cfg.SOLVER.GAMMA, "cached_features": bool(cfg.SOLVER.CACHE_FEATURES),
-            "cache_seconds": round(self.cache_seconds, 3),
+            "cache_seconds": round(self.cache_seconds, 3), "warnings": list(self.warnings),
             "seconds": round(time.perf_counter() - self.t0, 3), "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
         }
         if self.rank == 0:
             with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
                 json.dump(results, f, indent=1)
             print(summary_line(results), flush=True)
+            for w in self.warnings:  # a reminder: the first warning may be far up the log, or in an earlier job's
+                logger.warning("this run's results come with a warning (results.json 'warnings'): %s", w)
         du.barrier()
         return results
 

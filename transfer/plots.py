@@ -51,38 +51,74 @@ def plan_panels(data: Dict[str, List[dict]]) -> List[tuple]:
     return panels
 
 
-def plot_training_curves(runs: Dict[str, str], path: str) -> str:
-    """One figure, one panel per quantity present (losses, lr, kNN top-1, ...), one line per run.
-    ``runs``: label -> run dir or metrics.jsonl. ``x`` is the iteration for training records (the linear
-    evaluator's epoch when a run has no iterations) and the epoch for kNN records."""
+# One style per run for the whole figure, fixed by the run's position in the run list (not by the panel): the i-th
+# run has the i-th colour of matplotlib's default cycle, and its own line style and marker, so a panel holding only
+# some of the runs still draws each in the colour its legend entry has in every other panel.
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+MANY_POINTS = 30  # series with fewer points draw a marker at each point
+
+
+def run_styles(labels: Sequence[str]) -> Dict[str, dict]:
+    """label -> ``dict(color, linestyle, marker)`` for ``plot`` (the same in every panel), by position in ``labels``."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {label: dict(color=colors[i % len(colors)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                        marker=MARKERS[i % len(MARKERS)]) for i, label in enumerate(labels)}
 
-    panels = plan_panels({label: read_metrics(p) for label, p in runs.items()})
+
+def curves_figure(data: Dict[str, List[dict]]):
+    """The figure of :func:`plot_training_curves` (a ``matplotlib.figure.Figure``, no pyplot state, no backend
+    change) for ``data``: label -> the run's records, in run order. Each run keeps one colour / line style / marker
+    in every panel (:func:`run_styles`); every panel has a legend naming exactly the runs drawn in it; a series with
+    fewer than ``MANY_POINTS`` points has a marker at each point, and a panel whose points all share one x gets the
+    x range ``x - 1 .. x + 1`` (iterations and epochs are whole numbers: the ticks are integers)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = plan_panels(data)
     if not panels:
-        raise ValueError(f"no plottable metric in {list(runs.values())} (expected keys like loss, lr, knn_top1)")
+        raise ValueError(f"no plottable metric in the runs {list(data)} (expected keys like loss, lr, knn_top1)")
+    styles = run_styles(list(data))
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (title, key, x, series) in zip(axes.flat, panels):
+        lines = []
         for label, pts in series:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 30 else None, markersize=3)
+            style = dict(styles[label])
+            if len(pts) >= MANY_POINTS:
+                style["marker"] = None
+            lines += ax.plot(xs, ys, label=label, markersize=3 if len(pts) > 1 else 6, **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        all_x = {px for _, p in series for px, _ in p}
+        if len(all_x) == 1:  # matplotlib would widen a single x by +-5 %: 0.95 .. 1.05 epochs
+            (only,) = all_x
+            ax.set_xlim(only - 1, only + 1)
         if key == "lr" and all(y > 0 for _, p in series for _, y in p):
             ax.set_yscale("log")  # step schedules span decades
         ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize=8)
+        # handles and labels given explicitly: a label starting with "_" (a run folder "_old") is still listed
+        ax.legend(lines, [label for label, _ in series], fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(runs: Dict[str, str], path: str) -> str:
+    """One figure, one panel per quantity present (losses, lr, kNN top-1, ...), one line per run, written to the PNG
+    ``path``; returns ``path``. ``runs``: label -> run dir or metrics.jsonl, in the order that fixes each run's colour.
+    ``x`` is the iteration for training records (the linear evaluator's epoch when a run has no iterations) and the
+    epoch for kNN records. The figure is :func:`curves_figure`'s."""
+    fig = curves_figure({label: read_metrics(p) for label, p in runs.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -42,7 +42,8 @@ def select_tsne_indices(targets: Sequence[int], num_classes: int, per_class: int
 
 def tsne_embed(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """N x D features -> N x 2 t-SNE embedding of their L2-normalised rows (the cosine geometry contrastive features
-    are trained in). Perplexity is capped below N / 3 so that small sets work too."""
+    are trained in). Perplexity is capped below N / 3 so that small sets work too. scikit-learn's fit reports no
+    progress, so a log line says what is being embedded before it starts and how long it took after."""
     from sklearn.manifold import TSNE
 
     x = F.normalize(features.float(), dim=1).numpy().astype(np.float64)
@@ -50,8 +51,13 @@ def tsne_embed(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) 
     if n < 5:
         raise ValueError(f"t-SNE needs at least 5 points, got {n}; raise TSNE.PER_CLASS / TSNE.NUM_CLASSES")
     perplexity = float(min(perplexity, max(1.0, (n - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(x)
+    logger.info("t-SNE of %d points (%d-d features, perplexity %g) started; scikit-learn reports nothing until it "
+                "ends", n, x.shape[1], perplexity)
+    t = time.perf_counter()
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+               random_state=seed).fit_transform(x)
+    logger.info("t-SNE of %d points done in %.1f s", n, time.perf_counter() - t)
+    return emb
 
 
 def plot_tsne(panels: Sequence[Tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str], path: str,
@@ -124,7 +130,8 @@ def _tsne(cfg) -> dict:
     for i, (weights, arch) in enumerate(models):
         backbone, info = load_backbone(weights, arch, cfg.SEED)
         feats = extract_features(backbone.to(device), data, device, cfg.TEST.IMS_PER_BATCH, cfg.DATA.NUM_WORKERS,
-                                 amp_dtype(cfg.MODEL.AMP_DTYPE), cfg.MODEL.CHANNELS_LAST)
+                                 amp_dtype(cfg.MODEL.AMP_DTYPE), cfg.MODEL.CHANNELS_LAST,
+                                 desc=f"features {i + 1}/{len(models)}")
         if rank != 0:
             continue
         emb = tsne_embed(feats, cfg.SEED, cfg.TSNE.PERPLEXITY)

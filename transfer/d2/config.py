@@ -20,6 +20,11 @@ def add_disco_config(cfg: _D2CfgNode) -> None:
     # shapes_voc_2007_trainval / shapes_voc_2007_test and <root>/coco as shapes_coco_train / shapes_coco_val.
     cfg.DATASETS.SYNTHETIC_ROOT = ""
 
+    # Iterations between training log lines (loss, lr, time per iteration, ETA: detectron2's CommonMetricPrinter)
+    # and metrics.json / TensorBoard entries; detectron2 hard-codes 20 (DefaultTrainer.build_hooks' PeriodicWriter).
+    # The instant tests use 1, so a few-iteration CPU run shows its progress from the first iteration.
+    cfg.SOLVER.LOG_PERIOD = 20
+
     cfg.MODEL.TIMM = CN()
     # Student architecture for BACKBONE.NAME build_timm_backbone / build_timm_fpn_backbone: a pretrain.backbones
     # registry name (efficientnet_b0, efficientnet_b1, mobilenetv3_large_100).

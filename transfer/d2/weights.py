@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from pretrain.safeload import load_pickle, load_torch
-from transfer.convert import Conversion, convert_read, read_checkpoint, save_d2_checkpoint
+from transfer.convert import RESNET_ARCHS, TIMM_LAYOUTS, Conversion, convert_read, read_checkpoint, save_d2_checkpoint
 
 # Default detection config per student: the VOC C4 24k leaf (relative to the repository root).
 DEFAULT_CONFIGS = {
@@ -28,6 +28,14 @@ DEFAULT_CONFIGS = {
     "efficientnet_b0": "configs/detection/voc/effb0_C4_24k.yaml",
     "efficientnet_b1": "configs/detection/voc/effb1_C4_24k.yaml",
     "mobilenetv3_large_100": "configs/detection/voc/mobv3l_C4_24k.yaml",
+}
+# The teachers (ResNets without a config of their own): the R-50 config with these overrides builds them.
+TEACHER_CONFIG_OPTS = {
+    "resnet101": ("MODEL.RESNETS.DEPTH", "101"),
+    "resnet152": ("MODEL.RESNETS.DEPTH", "152"),
+    # SwAV's ResNet-50x2: every width doubled, the stem's included
+    "resnet50x2": ("MODEL.RESNETS.STEM_OUT_CHANNELS", "128", "MODEL.RESNETS.WIDTH_PER_GROUP", "128",
+                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "512"),
 }
 # Pretrained parts of the model per layout; below them every key must come from the checkpoint.
 PRETRAINED_PREFIXES = {"C4": ("backbone.", "roi_heads.res5."), "FPN": ("backbone.bottom_up.",)}
@@ -128,10 +136,39 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
+class UnsupportedArchError(ValueError):
+    """An architecture with no detectron2 backbone (e.g. the demo's ``convnet_small`` / ``convnet_tiny``)."""
+
+
+def short_name(arch: str) -> str:
+    """The name of a student in the config files: ``resnet18`` -> ``r18`` (configs/detection/voc/r18_C4_24k.yaml)."""
+    return os.path.basename(DEFAULT_CONFIGS[arch]).split("_")[0]
+
+
+def supported_archs_text() -> str:
+    students = ", ".join(f"{arch} ({short_name(arch)})" for arch in DEFAULT_CONFIGS)
+    return (f"the students {students} (configs/detection/{{voc,coco}}/<short name>_*.yaml), and the ResNet "
+            f"teachers {', '.join(TEACHER_CONFIG_OPTS)} (with --config-file)")
+
+
+def check_detection_arch(arch: str) -> None:
+    """Raise :class:`UnsupportedArchError`, naming ``arch`` and the architectures detection supports, unless
+    ``arch`` has a detectron2 backbone (and a converter to it)."""
+    if arch in RESNET_ARCHS or arch in TIMM_LAYOUTS:  # the families transfer.convert maps to detectron2 keys
+        return
+    raise UnsupportedArchError(
+        f"architecture {arch!r} has no detectron2 backbone, so it cannot be used for detection (nothing was "
+        f"converted). Detection supports {supported_archs_text()}.")
+
+
 def default_config(arch: str) -> str:
+    """The detection config of a student; for a teacher, an error naming the config and overrides that build it;
+    for any other architecture, :class:`UnsupportedArchError`."""
+    check_detection_arch(arch)
     if arch not in DEFAULT_CONFIGS:
-        raise ValueError(f"no default detection config for {arch!r} (have: {', '.join(DEFAULT_CONFIGS)}); pass "
-                         f"--config-file, e.g. configs/detection/voc/r50_C4_24k.yaml with MODEL.RESNETS.DEPTH 101")
+        raise ValueError(f"no default detection config for {arch!r} (a teacher); pass --config-file "
+                         f"configs/detection/voc/r50_C4_24k.yaml {' '.join(TEACHER_CONFIG_OPTS[arch])} (or a COCO "
+                         f"config of R-50 with the same overrides)")
     return DEFAULT_CONFIGS[arch]
 
 
@@ -279,6 +316,7 @@ def convert_to_d2(src: str, out: str, arch: Optional[str] = None, config_file: O
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     ckpt = read_checkpoint(src, arch)
+    check_detection_arch(ckpt.arch)  # before any config: one that builds something else would only confuse
     cfg, config_file = build_check_cfg(ckpt.arch, config_file, opts)
     layout = layout_of(cfg)
     conv = convert_read(ckpt, layout, src)
