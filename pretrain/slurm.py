@@ -7,6 +7,7 @@ next iteration boundary and raises :class:`pretrain.preemption.Preempted`; rank 
 submitit, which calls :meth:`SlurmTask.checkpoint` and requeues the job. The requeued job resumes from OUTPUT_DIR.
 """
 import argparse
+import hashlib
 import os
 import signal
 import sys
@@ -37,6 +38,13 @@ def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def master_port(job_id: str) -> int:
+    """The rendezvous port, derived alike by every task from the job id, in 20000-32767: below Linux's ephemeral
+    range (32768-60999), where any outgoing connection on the node may hold a port. submitit's own choice
+    (20000-60000) overlaps that range, and a taken port fails rank 0 with EADDRINUSE."""
+    return 20000 + int(hashlib.sha256(str(job_id).encode()).hexdigest(), 16) % (32768 - 20000)
+
+
 class SlurmTask:
     """What runs in every task of the job: ``entry(args)`` with the distributed environment exported."""
 
@@ -46,7 +54,10 @@ class SlurmTask:
     def __call__(self) -> Any:
         from .preemption import Preempted  # here, not at the top: the CLIs import add_slurm_args without torch
 
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        dist_env = submitit.helpers.TorchDistributedEnvironment()
+        if "MASTER_PORT" not in os.environ:  # a port the user exported is kept (submitit reads it)
+            dist_env.master_port = master_port(submitit.JobEnvironment().job_id)
+        dist_env.export(set_cuda_visible_devices=False)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"task {dist_env.rank}/{dist_env.world_size} on {os.uname().nodename} (pid {os.getpid()}), master "
               f"{dist_env.master_addr}:{dist_env.master_port}, restart {restart}", flush=True)
@@ -69,7 +80,10 @@ def submit(entry: Callable[[argparse.Namespace], Any], args: argparse.Namespace,
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster="slurm")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     params = dict(name=name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
-                  timeout_min=args.timeout, slurm_signal_delay_s=120)
+                  timeout_min=args.timeout, slurm_signal_delay_s=120,
+                  # a task that dies (crash, kill -9, a failed rendezvous) ends the job: the others would otherwise
+                  # wait for it in their next collective until the time limit
+                  slurm_srun_args=["--kill-on-bad-exit=1"])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem:

@@ -2,6 +2,7 @@
 Skipped when no local SLURM answers; .ci/run starts one, so CI always runs these."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import Checkpointer
+from pretrain.slurm import master_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,6 +193,11 @@ def test_evaluator_and_train_net_run_on_slurm(tmp_path, imagefolder):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "submitted job" in proc.stdout and "knn convnet_tiny" in proc.stdout  # the job's summary line, streamed
     assert json.loads((out / "results.json").read_text())["eval"] == "knn"
+    # a task that dies ends the job (srun --kill-on-bad-exit), and the rendezvous port is below the ephemeral range
+    job = next(p for p in (tmp_path / "jobs").iterdir() if p.name.isdigit())
+    assert "--kill-on-bad-exit=1" in (job / f"{job.name}_submission.sh").read_text()
+    port = int(re.search(r"master \S+:(\d+)", (job / f"{job.name}_0_log.out").read_text()).group(1))
+    assert 20000 <= port < 32768 and port == master_port(job.name)
 
     data = tmp_path / "datasets"
     write_voc(data / "VOC2007", num_classes=4, trainval_images=4, test_images=4, image_size=64)

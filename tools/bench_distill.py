@@ -2,7 +2,8 @@
 """Benchmark the DisCo distillation step against a faithful re-implementation of the official step.
 
     python tools/bench_distill.py [--pairs resnet50:resnet18 resnet50:efficientnet_b0] [--image-size 112]
-                                  [--batch 32] [--queue 65536] [--steps 6] [--device cpu|cuda]
+                                  [--batch 32] [--queue 65536] [--steps 6] [--device cpu|cuda] [--amp auto|on|off]
+    python tools/bench_distill.py --quick    # about a minute on 2 CPU cores: R-50 -> R-18 only, smaller step
 
 Each (variant, teacher, student) runs in its own subprocess, so peak memory (CPU: peak RSS; GPU: peak allocated)
 is measured cleanly; all variants run in this one invocation on the same machine and the ratios are printed.
@@ -13,6 +14,12 @@ ours       pretrain.engine.train_step on pretrain.model.Method (mocov2 + disco):
            forward over both views, no second copy, bf16 autocast), then one student view at a time; channels_last. The
            student runs both in bf16 autocast and in fp32 ("ours-bf16" / "ours-fp32": on CPUs, depthwise-conv students
            such as EfficientNet are faster in fp32); the faster is compared. ``--no-amp`` / ``--no-channels-last``.
+
+bf16 (``--amp auto``, the default) is used on GPUs that support it and on CPUs with native bf16 instructions
+(oneDNN's check: AVX512-BF16 / AMX); on other CPUs (e.g. AVX2 only) bf16 is emulated and slower than fp32, so both
+variants run in fp32 there and only the step's structure differs. ``--quick`` measures the same comparison at a size
+that finishes in about a minute on a 2-core CPU (its numbers are a smoke test of the ratios, not the benchmark);
+flags given with it override its sizes.
 """
 import argparse
 import copy
@@ -24,8 +31,8 @@ import sys
 import time
 
 # tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+_TOOLS = os.path.dirname(os.path.realpath(__file__))
+if sys.path and os.path.realpath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
 import torch  # noqa: E402
@@ -139,9 +146,10 @@ def _rss_gib() -> float:
         return 0.0
 
 
-def matmul_peak(device, dtype) -> float:
-    """Measured matmul throughput (TFLOP/s) of this device at ``dtype`` with 4096^2 (GPU) / 2048^2 (CPU) operands."""
-    n = 4096 if device.type == "cuda" else 2048
+def matmul_peak(device, dtype, quick: bool = False) -> float:
+    """Measured matmul throughput (TFLOP/s) of this device at ``dtype`` with 4096^2 (GPU) / 2048^2 (CPU) operands
+    (``quick``: half the side on the CPU)."""
+    n = 4096 if device.type == "cuda" else 1024 if quick else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -174,48 +182,95 @@ def step_flops(pair: str, batch: int, size: int) -> float:
     return batch * (2 * 3 * f["s"] + f["s"] + 2 * f["t"])
 
 
+# The full benchmark (make bench) and --quick (about a minute on a 2-core CPU); flags given explicitly win.
+FULL = {"pairs": ["resnet50:resnet18", "resnet50:efficientnet_b0"], "image_size": 112, "batch": 32, "queue": 65536,
+        "steps": 6, "warmup": 2}
+QUICK = {"pairs": ["resnet50:resnet18"], "image_size": 64, "batch": 16, "queue": 4096, "steps": 3, "warmup": 1}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively (not emulated) on ``device``: CUDA's check, or oneDNN's on the CPU (AVX512-BF16 /
+    AMX; an AVX2-only CPU emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="+", default=["resnet50:resnet18", "resnet50:efficientnet_b0"],
-                   help="teacher:student pairs")
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch", type=int, default=32, help="per-process batch (the paper's per-GPU batch)")
-    p.add_argument("--queue", type=int, default=65536)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help=f"about a minute on a 2-core CPU: {' '.join(QUICK['pairs'])}, batch {QUICK['batch']}, "
+                        f"{QUICK['image_size']} px, queue {QUICK['queue']}, {QUICK['steps']} steps after "
+                        f"{QUICK['warmup']} warm-up")
+    p.add_argument("--pairs", nargs="+", default=None,
+                   help=f"teacher:student pairs (default {' '.join(FULL['pairs'])})")
+    p.add_argument("--image-size", type=int, default=None, help=f"default {FULL['image_size']}")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"per-process batch (the paper's per-GPU batch; default {FULL['batch']})")
+    p.add_argument("--queue", type=int, default=None, help=f"default {FULL['queue']}")
+    p.add_argument("--steps", type=int, default=None, help=f"timed steps (default {FULL['steps']})")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default {FULL['warmup']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 for ours: auto = where the device runs bf16 natively")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="same as --amp off")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--json", default="", help="also write the results to this file")
     # internal: one measurement in a subprocess
     p.add_argument("--variant", choices=["reference", "ours-bf16", "ours-fp32"], help=argparse.SUPPRESS)
     p.add_argument("--pair", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = torch.device(args.device)
+    native = native_bf16(device)
     if args.variant:
+        args.amp = args.amp == "on"
         print(json.dumps(measure(args)))
         return
+    amp_reason = {"on": "--amp on", "off": "--amp off"}.get(args.amp, "native bf16" if native else
+                                                          "no native bf16 on this device: it would be emulated")
+    args.amp = args.amp == "on" or (args.amp == "auto" and native)
+    where = cpu_name() + f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" \
+        else torch.cuda.get_device_name(device)
+    print(f"{'quick' if args.quick else 'full'} benchmark on {where}; bf16 {'on' if args.amp else 'off'} "
+          f"({amp_reason})", flush=True)
+    t_start = time.perf_counter()
 
     results = []
     for pair in args.pairs:
         for variant in ("reference", "ours-bf16", "ours-fp32") if args.amp else ("reference", "ours-fp32"):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--pair", pair,
                    "--image-size", str(args.image_size), "--batch", str(args.batch), "--queue", str(args.queue),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-            cmd += [] if args.amp else ["--no-amp"]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+                   "--amp", "on" if args.amp else "off"]
             cmd += [] if args.channels_last else ["--no-channels-last"]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{variant} {pair} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"  {pair:28s} {variant:10s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB",
                   flush=True)
 
-    device = torch.device(args.device)
     print(f"\n{device.type}, {torch.get_num_threads()} threads, batch {args.batch}, {args.image_size} px, "
           f"queue {args.queue}; ours: AMP {'bf16' if args.amp else 'off'}, channels_last {args.channels_last}")
     print(f"{'teacher:student':28s} {'ours':>9s} {'ref img/s':>10s} {'ours img/s':>11s} {'speed x':>8s} "
           f"{'ref GiB':>8s} {'ours GiB':>9s} {'memory x':>9s}")
     summary = []
-    peak_tflops = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32)
+    peak_tflops = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32, args.quick)
     for pair in args.pairs:
         ref = next(r for r in results if r["pair"] == pair and r["variant"] == "reference")
         ours = max((r for r in results if r["pair"] == pair and r["variant"].startswith("ours")),
@@ -238,6 +293,7 @@ def main():
             print(f"{r['pair']}: {r['reference']['base_gib']:.2f} GiB of both peaks is the imported libraries (torch, "
                   f"timm); above that, ours holds {r['memory_ratio_above_imports']:.2f}x the reference's memory")
     print("targets: speed x >= 1.5, memory x <= 0.7")
+    print(f"{'quick' if args.quick else 'full'} benchmark: {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "matmul_peak_tflops": peak_tflops, "results": summary}, f, indent=1)

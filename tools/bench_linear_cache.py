@@ -14,8 +14,8 @@ import tempfile
 import time
 
 # tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+_TOOLS = os.path.dirname(os.path.realpath(__file__))
+if sys.path and os.path.realpath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
 import torch  # noqa: E402

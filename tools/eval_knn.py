@@ -12,8 +12,8 @@ import os
 import sys
 
 # tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _TOOLS:
+_TOOLS = os.path.dirname(os.path.realpath(__file__))
+if sys.path and os.path.realpath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
 
 from pretrain.cli import argument_parser  # noqa: E402  (light: --help and argument errors never import torch)
