@@ -38,6 +38,20 @@ def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def slurm_answers() -> bool:
+    """Whether a SLURM answers here: ``sinfo`` runs and lists a node that can take jobs (idle, mix or alloc)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return any(state in out for state in ("idle", "mix", "alloc"))
+
+
 def master_port(job_id: str) -> int:
     """The rendezvous port, derived alike by every task from the job id, in 20000-32767: below Linux's ephemeral
     range (32768-60999), where any outgoing connection on the node may hold a port. submitit's own choice

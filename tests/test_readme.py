@@ -23,6 +23,8 @@ import traceback
 import pytest
 import torch
 
+from pretrain.slurm import slurm_answers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 SECTION = "## Trying these commands on a CPU"
@@ -342,18 +344,8 @@ def test_readme_commands_write_only_git_ignored_files(local_run):
     assert set(written) <= ignored, f"written at the top level but not git-ignored: {sorted(set(written) - ignored)}"
 
 
-def _slurm_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
-    except (subprocess.SubprocessError, OSError):
-        return False
-    return any(s in out for s in ("idle", "mix", "alloc"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _slurm_up(), reason="no local SLURM: run `tools/local_slurm.sh install && "
+@pytest.mark.skipif(not slurm_answers(), reason="no local SLURM: run `tools/local_slurm.sh install && "
                                             "tools/local_slurm.sh start` as root (CI does)")
 def test_readme_slurm_commands_run(local_run, readme_text):
     """The README's --slurm commands that are not synopses, submitted to the local SLURM with --wait, in the

@@ -3,7 +3,6 @@ Skipped when no local SLURM answers; .ci/run starts one, so CI always runs these
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -12,22 +11,12 @@ import pytest
 import torch
 
 from pretrain.checkpoint import Checkpointer
-from pretrain.slurm import master_port
+from pretrain.slurm import master_port, slurm_answers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _slurm_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
-    except (subprocess.SubprocessError, OSError):
-        return False
-    return any(s in out for s in ("idle", "mix", "alloc"))
-
-
-pytestmark = pytest.mark.skipif(not _slurm_up(), reason="no local SLURM: run `tools/local_slurm.sh install && "
+pytestmark = pytest.mark.skipif(not slurm_answers(), reason="no local SLURM: run `tools/local_slurm.sh install && "
                                                         "tools/local_slurm.sh start` as root (CI does)")
 
 
