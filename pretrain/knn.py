@@ -2,13 +2,9 @@
 
 The base of every evaluation: the pretrainer's online kNN monitor, the offline kNN evaluator, the linear / CIFAR
 feature cache and t-SNE all extract features with :func:`extract_features`.
-
-Also the evaluators' progress bars (:func:`progress_bar`): every long batch loop (feature extraction, kNN voting, the
-linear probe's epochs and evaluation passes) shows a tqdm bar with an ETA on rank 0's stderr, as the pretraining loop
-does (``pretrain/hooks.py``'s ``MetricsWriter``).
+Feature extraction and kNN voting show :func:`pretrain.runlog.progress_bar`.
 """
 import math
-import sys
 from typing import Dict, Optional
 
 import torch
@@ -17,27 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed as du
 from .data import ImageFolder, balanced_subset, eval_transform
-
-PROGRESS_DELAY_S = 3.0  # a phase shorter than this prints no bar at all (cached epochs, tiny runs): no clutter
-PROGRESS_INTERVAL_S = (1.0, 5.0)  # seconds between bar refreshes: stderr a terminal / not (log files, CI, SLURM)
-
-
-def progress_bar(total: int, desc: str, unit: str = "it", leave: Optional[bool] = None):
-    """A tqdm bar (count, rate, elapsed < ETA) on stderr for a loop of ``total`` units; call ``update(n)``, ``close()``.
-
-    Only on rank 0 (a disabled bar elsewhere). It refreshes at most every second when stderr is a terminal (as the
-    pretraining loop's bar) and at most every PROGRESS_INTERVAL_S[1] seconds otherwise (log files, CI output); a
-    phase shorter than PROGRESS_DELAY_S prints nothing at all. ``leave`` None keeps the finished bar only when no
-    other bar is open (a bar nested under the pretraining bar, e.g. the kNN monitor's, is cleared).
-    ``TQDM_DISABLE=1`` in the environment (tqdm reads it at import) turns rank 0's bars off too.
-    """
-    from tqdm import tqdm
-
-    tty = sys.stderr.isatty()
-    off = {} if du.get_rank() == 0 else {"disable": True}  # rank 0: tqdm's default, so TQDM_DISABLE applies
-    return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True,
-                mininterval=PROGRESS_INTERVAL_S[0 if tty else 1], delay=PROGRESS_DELAY_S, **off)
-
+from .runlog import progress_bar
 
 @torch.no_grad()
 def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,

@@ -1,10 +1,34 @@
 """Run logging shared by every job of the project: one log file per process in OUTPUT_DIR, and ``metrics.jsonl``
-kept consistent with the checkpoint a run resumes from."""
+kept consistent with the checkpoint a run resumes from, and the progress bars of long loops (:func:`progress_bar`:
+feature extraction, kNN voting, the linear probe's epochs and evaluation passes)."""
 import json
 import logging
 import os
 import sys
-from typing import List
+from typing import List, Optional
+
+
+PROGRESS_DELAY_S = 3.0  # a phase shorter than this prints no bar at all (cached epochs, tiny runs): no clutter
+PROGRESS_INTERVAL_S = (1.0, 5.0)  # seconds between bar refreshes: stderr a terminal / not (log files, CI, SLURM)
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", leave: Optional[bool] = None):
+    """A tqdm bar (count, rate, elapsed < ETA) on stderr for a loop of ``total`` units; call ``update(n)``, ``close()``.
+
+    Only on rank 0 (a disabled bar elsewhere). It refreshes at most every second when stderr is a terminal (as the
+    pretraining loop's bar) and at most every PROGRESS_INTERVAL_S[1] seconds otherwise (log files, CI output); a
+    phase shorter than PROGRESS_DELAY_S prints nothing at all. ``leave`` None keeps the finished bar only when no
+    other bar is open (a bar nested under the pretraining bar, e.g. the kNN monitor's, is cleared).
+    ``TQDM_DISABLE=1`` in the environment (tqdm reads it at import) turns rank 0's bars off too.
+    """
+    from tqdm import tqdm
+
+    from .distributed import get_rank  # here: runlog itself imports no torch
+
+    tty = sys.stderr.isatty()
+    off = {} if get_rank() == 0 else {"disable": True}  # rank 0: tqdm's default, so TQDM_DISABLE applies
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                mininterval=PROGRESS_INTERVAL_S[0 if tty else 1], delay=PROGRESS_DELAY_S, **off)
 
 
 def setup_logging(output_dir: str, rank: int) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import pretrain.knn as pretrain_knn
+import pretrain.runlog as runlog
 from pretrain.export import export_encoder
 from pretrain.formats import read_backbone
 from pretrain.encoder import build_encoder
@@ -190,8 +190,8 @@ CACHED = {"DATA.TRAIN_AUGMENT": False, "SOLVER.CACHE_FEATURES": True, "DATA.VAL_
 def test_progress_bars_and_a_log_line_per_epoch(tmp_path, imagefolder, teacher_export, capsys, caplog, monkeypatch):
     """Feature extraction, every epoch (running loss and lr in the postfix) and the evaluation show a tqdm bar on
     stderr; each epoch also logs its line. The bars are shown from the start here (the run is seconds long)."""
-    monkeypatch.setattr(pretrain_knn, "PROGRESS_DELAY_S", 0.0)
-    monkeypatch.setattr(pretrain_knn, "PROGRESS_INTERVAL_S", (0.0, 0.0))
+    monkeypatch.setattr(runlog, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(runlog, "PROGRESS_INTERVAL_S", (0.0, 0.0))
     with caplog.at_level(logging.INFO, logger="transfer"):
         LinearEvaluator(cfg_of(tmp_path, imagefolder, teacher_export, **CACHED, **{"SOLVER.BASE_LR": 0.02})).run()
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Progress bars of the long phases (pretrain.knn.progress_bar): feature extraction and kNN voting show a tqdm bar
+"""Progress bars of the long phases (pretrain.runlog.progress_bar): feature extraction and kNN voting show a tqdm bar
 with a count and an ETA on rank 0's stderr, refresh slowly when stderr is not a terminal, stay silent for phases
 shorter than PROGRESS_DELAY_S and on other ranks."""
 import io
@@ -11,13 +11,14 @@ from torch.utils.data import TensorDataset
 
 import pretrain.distributed as du
 import pretrain.knn as knn
+import pretrain.runlog as runlog
 
 
 @pytest.fixture
 def shown(monkeypatch):
     """Bars displayed from the start and at every update (a tiny run is over long before the real delay)."""
-    monkeypatch.setattr(knn, "PROGRESS_DELAY_S", 0.0)
-    monkeypatch.setattr(knn, "PROGRESS_INTERVAL_S", (0.0, 0.0))
+    monkeypatch.setattr(runlog, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(runlog, "PROGRESS_INTERVAL_S", (0.0, 0.0))
 
 
 def _data(n=10):
@@ -41,13 +42,13 @@ def test_feature_extraction_and_knn_vote_show_a_bar_with_an_eta(capsys, shown):
 
 
 def test_short_phases_and_other_ranks_print_nothing(capsys, monkeypatch):
-    monkeypatch.setattr(knn, "PROGRESS_DELAY_S", 1e6)  # a phase shorter than the delay: no bar at all
+    monkeypatch.setattr(runlog, "PROGRESS_DELAY_S", 1e6)  # a phase shorter than the delay: no bar at all
     knn.extract_features(torch.nn.Flatten(), _data(10), torch.device("cpu"), batch_size=4)
     assert capsys.readouterr().err == ""
 
-    monkeypatch.setattr(knn, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(runlog, "PROGRESS_DELAY_S", 0.0)
     monkeypatch.setattr(du, "get_rank", lambda: 1)
-    with knn.progress_bar(5, "rank 1") as bar:
+    with runlog.progress_bar(5, "rank 1") as bar:
         assert bar.disable
         bar.set_postfix(loss="1.0", refresh=False)
         bar.update(5)
@@ -60,12 +61,12 @@ class _Terminal(io.StringIO):
 
 
 def test_refresh_interval_depends_on_whether_stderr_is_a_terminal(monkeypatch):
-    with knn.progress_bar(3, "log file") as bar:  # pytest's captured stderr is not a terminal
-        assert bar.mininterval == knn.PROGRESS_INTERVAL_S[1] == 5.0 and bar.delay == knn.PROGRESS_DELAY_S == 3.0
+    with runlog.progress_bar(3, "log file") as bar:  # pytest's captured stderr is not a terminal
+        assert bar.mininterval == runlog.PROGRESS_INTERVAL_S[1] == 5.0 and bar.delay == runlog.PROGRESS_DELAY_S == 3.0
         assert bar.fp is not None and not bar.disable
     monkeypatch.setattr(sys, "stderr", _Terminal())
-    with knn.progress_bar(3, "terminal") as bar:
-        assert bar.mininterval == knn.PROGRESS_INTERVAL_S[0] == 1.0
+    with runlog.progress_bar(3, "terminal") as bar:
+        assert bar.mininterval == runlog.PROGRESS_INTERVAL_S[0] == 1.0
 
 
 def test_rank_0_leaves_disable_to_tqdm(monkeypatch):
@@ -75,9 +76,9 @@ def test_rank_0_leaves_disable_to_tqdm(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tqdm, "tqdm", lambda **kw: calls.append(kw))
-    knn.progress_bar(3, "rank 0")
+    runlog.progress_bar(3, "rank 0")
     monkeypatch.setattr(du, "get_rank", lambda: 2)
-    knn.progress_bar(3, "rank 2")
+    runlog.progress_bar(3, "rank 2")
     assert "disable" not in calls[0] and calls[1]["disable"] is True
     assert calls[0]["file"] is sys.stderr and calls[0]["total"] == 3 and calls[0]["desc"] == "rank 0"
 

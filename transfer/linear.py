@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 from pretrain import distributed as du
 from pretrain.backbones import get_spec
 from pretrain.checkpoint import Checkpointer
-from pretrain.knn import backbone_features, extract_features, progress_bar
+from pretrain.knn import backbone_features, extract_features
+from pretrain.runlog import progress_bar
 from pretrain.precision import amp_dtype
 from pretrain.runlog import truncate_metrics
 
