@@ -20,6 +20,11 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(images)), dim=1)  # NxC
 
+    @property
+    def out_dim(self) -> int:
+        """C, the embedding's dimension: the output size of the head's last linear layer."""
+        return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1].out_features
+
     def embed(self, images: torch.Tensor, maps: bool = False) -> Dict[str, object]:
         """``embedding`` (NxC, L2-normalised; equal to ``forward``), ``features`` (NxD pooled backbone output) and,
         with ``maps``, ``maps``: the backbone's per-stage feature maps (``pretrain.backbones.stage_info``)."""

@@ -64,6 +64,9 @@ class MethodPart(nn.Module):
     student_views: Tuple[int, ...] = ()
     # whether this part's losses need the student's per-stage feature maps (``out["maps"]``)
     student_maps: bool = False
+    # whether this part's losses read the student's projection head (``out["embedding"]``); when no part of the method
+    # does (e.g. CompRess on backbone features alone), the head is frozen: not optimised, and ignored by DDP
+    student_head: bool = True
 
     @staticmethod
     def add_config(cfg) -> None:

@@ -47,6 +47,10 @@ class Method(nn.Module):
         self.teacher_maps = any(d.teacher_maps for d in self.distillers.values())
         if not self.student_views:
             raise ValueError(f"no part of the method ({', '.join(p.name for p in parts)}) trains the student")
+        self.student_head = any(p.student_head for p in parts if p.student_views)
+        if not self.student_head:  # no loss reads it: frozen, so the optimizer skips it and DDP expects no gradient
+            student.head.requires_grad_(False)
+            logger.info("no part of the method reads the student's projection head: it is frozen (not trained)")
         if teacher is not None:
             teacher.requires_grad_(False)
             if teacher_amp_dtype is not None and not teacher_bn_train:
@@ -71,7 +75,7 @@ class Method(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer trains: the student, then any parameters of the parts (the teacher and momentum
         encoders never)."""
-        yield from self.student.parameters()
+        yield from (p for p in self.student.parameters() if p.requires_grad)
         for part in self.parts():
             yield from part.trainable_parameters()
 

@@ -7,6 +7,8 @@
     python tools/eval_linear.py --slurm --partition P --gpus-per-node 8 --config-file ... [--wait]
 
 Writes OUTPUT_DIR/results.json and prints one summary line; reruns continue from OUTPUT_DIR's newest checkpoint.
+Knowledge distillation (paper Table 2 "KD"): add KD.TEACHER_CLASSIFIER <the teacher's own linear-evaluation
+OUTPUT_DIR> (configs/eval/table2_kd_resnet.yaml / table2_kd_mobile.yaml).
 Logic: transfer.linear.
 """
 import os

@@ -55,6 +55,14 @@ _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0  # epochs between evaluations on the validation set during training (0 = only at the end)
 _C.TEST.IMS_PER_BATCH = 256  # batch per process for evaluation and feature extraction
 
+_C.KD = CN()  # knowledge distillation (Hinton et al.) while the linear classifier trains: paper Table 2 "KD" rows
+_C.KD.TEACHER_CLASSIFIER = ""  # "" = no KD; else the teacher's linear-evaluation OUTPUT_DIR or a checkpoint file in it
+_C.KD.TEACHER_WEIGHTS = ""  # teacher backbone; "" = the weights its classifier checkpoint names (its MODEL.WEIGHTS)
+_C.KD.TEACHER_ARCH = ""  # teacher backbone architecture; "" = the one its classifier checkpoint names
+_C.KD.ALPHA = 0.5  # loss = ALPHA * T^2 * KL(teacher || student at TEMPERATURE) + (1 - ALPHA) * cross-entropy
+_C.KD.TEMPERATURE = 2.0  # T: both softmaxes of the KL term at logits / T (DisCo-pytorch: 2.0)
+_C.KD.REDUCTION = "batchmean"  # KL "batchmean" (Hinton: sum over classes) or "mean" (official code: / classes too)
+
 _C.KNN = CN()
 _C.KNN.K = 20  # neighbours (DINO: 20)
 _C.KNN.TEMPERATURE = 0.07  # each neighbour votes with weight exp(cosine similarity / T) (DINO: 0.07)
@@ -68,6 +76,7 @@ _C.TSNE.COMPARE_WEIGHTS = ()  # more checkpoints drawn as further panels next to
 _C.TSNE.COMPARE_ARCHS = ()  # their architectures, in the same order ("" or absent = the one each checkpoint names)
 
 DATASETS = ("imagefolder", "cifar10", "cifar100")
+KD_REDUCTIONS = ("batchmean", "mean")  # = pretrain.losses.kd.KD_REDUCTIONS
 
 
 def get_eval_cfg() -> CfgNode:
@@ -96,6 +105,8 @@ VALUE_RANGES = (
     ("SOLVER.MAX_TO_KEEP", ">= 1", 0),
     ("TEST.EVAL_PERIOD", ">= 0", 0),
     ("TEST.IMS_PER_BATCH", ">= 1", 0),
+    ("KD.ALPHA", "[0, 1]", 0),
+    ("KD.TEMPERATURE", "> 0", 0),
     ("KNN.K", ">= 1", 0),
     ("KNN.TEMPERATURE", "> 0", 0),
     ("KNN.MAX_TRAIN_IMAGES", ">= 0", 0),
@@ -133,6 +144,14 @@ def validate_eval_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"choose one way to take a training subset, got {' and '.join(chosen)}")
     if d.SUBSET_FILE and d.DATASET != "imagefolder":
         raise ConfigError("DATA.SUBSET_FILE names ImageFolder files; for CIFAR use DATA.SUBSET_PERCENT / PER_CLASS")
+    if cfg.KD.REDUCTION not in KD_REDUCTIONS:
+        raise ConfigError(f"KD.REDUCTION must be 'batchmean' (Hinton: the KL summed over classes, averaged over the "
+                          f"batch) or 'mean' (the official DisCo-pytorch kd_ce_loss.py: averaged over batch x "
+                          f"classes), got {cfg.KD.REDUCTION!r}")
+    if not cfg.KD.TEACHER_CLASSIFIER and (cfg.KD.TEACHER_WEIGHTS or cfg.KD.TEACHER_ARCH):
+        raise ConfigError("KD.TEACHER_WEIGHTS / KD.TEACHER_ARCH are set but KD.TEACHER_CLASSIFIER is empty: knowledge "
+                          "distillation needs the teacher's linear classifier; set KD.TEACHER_CLASSIFIER to the "
+                          "teacher's linear-evaluation OUTPUT_DIR (or clear the other KD.TEACHER_* keys)")
     if len(cfg.TSNE.COMPARE_ARCHS) > len(cfg.TSNE.COMPARE_WEIGHTS):
         raise ConfigError("TSNE.COMPARE_ARCHS has more entries than TSNE.COMPARE_WEIGHTS")
 

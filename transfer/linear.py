@@ -23,6 +23,16 @@ SOLVER.BASE_LR to try instead: the paper's lr 30 (ResNets) / 3 (EfficientNet, Mo
 (1.28 M images, 1000 classes) with the features of BatchNorm-trained backbones, and on small data it often diverges.
 A non-finite loss stops the run with an error.
 
+Knowledge distillation (``KD.TEACHER_CLASSIFIER`` set; paper §4.4, Table 2 "KD" and "KD + DisCo"): the classifier
+trains with :func:`pretrain.losses.kd.kd_loss` (ALPHA * T^2 * KL to the teacher's softened outputs + (1 - ALPHA) *
+cross-entropy) instead of the cross-entropy. The teacher is a finished linear evaluation of its own: its backbone
+(frozen, eval mode, loaded like the student's) and its trained classifier, read weights-only from the classifier
+checkpoint its run wrote; it sees the same (augmented) images as the student, batch by batch, or, with cached
+features, its logits of the training split are cached once in the order of the student's cache. It is never
+checkpointed: it is rebuilt from the config on every (resumed) run. Without KD nothing changes (the same classifier,
+bit for bit); semi-supervised subsets and CIFAR go through this evaluator and get KD the same way. With KD the
+logged / recorded training loss is the KD loss.
+
 The toolkit shared with the other evaluators (frozen backbone, datasets, transforms, sampler) is :mod:`transfer.common`.
 """
 import argparse
@@ -39,17 +49,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+import yaml
 
 from pretrain import distributed as du
-from pretrain.backbones import get_spec
-from pretrain.checkpoint import Checkpointer
+from pretrain.backbones import build_backbone, get_spec
+from pretrain.checkpoint import Checkpointer, load_strict, verify_checkpoint
+from pretrain.formats import read_backbone
 from pretrain.knn import backbone_features, extract_features
+from pretrain.losses.kd import kd_loss
 from pretrain.runlog import progress_bar
 from pretrain.precision import amp_dtype
 from pretrain.runlog import truncate_metrics
+from pretrain.safeload import load_torch
 
 from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
-                     end_run, load_backbone, start_run, topk_correct, train_transform)
+                     end_run, freeze, load_backbone, start_run, topk_correct, train_transform)
 from .config import CfgNode, setup_eval_cfg
 
 logger = logging.getLogger("transfer")
@@ -76,6 +90,63 @@ def lr_factor(cfg: CfgNode, epoch: int) -> float:
     if s.SCHEDULER == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / s.EPOCHS))
     return s.GAMMA ** sum(epoch >= step for step in s.STEPS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The knowledge-distillation teacher: a backbone and its own linear classifier
+
+CLASSIFIER_KEYS = ("classifier", "arch", "weights", "num_classes", "feature_dim")  # what LinearEvaluator saves
+
+
+def read_classifier_checkpoint(path: str, key: str = "KD.TEACHER_CLASSIFIER") -> Tuple[dict, str]:
+    """(state, absolute file) of a linear classifier checkpoint written by this evaluator: ``path`` is a linear
+    evaluation's OUTPUT_DIR (its newest readable ``checkpoints/model_*.pth``), its ``checkpoints`` folder, or one
+    such file. Read weights-only (:func:`pretrain.safeload.load_torch`: nothing in the file can run code). ``key``
+    names the config key in errors."""
+    fix = (f"set {key} to the teacher's linear-evaluation OUTPUT_DIR (the folder where tools/eval_linear.py wrote "
+           f"checkpoints/ and results.json for the teacher backbone) or a checkpoints/model_*.pth file in it")
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{key} {path!r} does not exist: {fix}")
+    if os.path.isdir(path):
+        folder = os.path.normpath(path)
+        if os.path.basename(folder) == "checkpoints" and not os.path.isdir(os.path.join(folder, "checkpoints")):
+            folder = os.path.dirname(folder)  # the checkpoints/ folder itself
+        state, file = Checkpointer(folder).load_latest()
+        if state is None:
+            raise FileNotFoundError(f"{key} {path} has no readable classifier checkpoint (checkpoints/model_*.pth): "
+                                    f"run the teacher's linear evaluation first (tools/eval_linear.py ... "
+                                    f"MODEL.WEIGHTS <teacher backbone> OUTPUT_DIR {path}), or {fix}")
+    else:
+        verify_checkpoint(path)
+        state, file = load_torch(path, key), path
+    missing = [k for k in CLASSIFIER_KEYS if k not in state] if isinstance(state, dict) else list(CLASSIFIER_KEYS)
+    if missing:
+        raise ValueError(f"{key} {file} is not a linear classifier checkpoint of tools/eval_linear.py (it has no "
+                         f"{missing} entries; a backbone export or a pretraining checkpoint is not one): {fix}")
+    return state, os.path.abspath(file)
+
+
+def _saved_cfg(state: dict) -> dict:
+    """The resolved config a classifier checkpoint carries (``cfg``, yaml), as plain data; {} if unreadable."""
+    try:
+        out = yaml.safe_load(state.get("cfg") or "")
+    except yaml.YAMLError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+class TeacherClassifier(nn.Module):
+    """The KD teacher: a frozen backbone and its own trained linear classifier; ``forward(images)`` -> logits. The
+    classifier runs in float32 outside autocast, as the student's does."""
+
+    def __init__(self, backbone: nn.Module, fc: nn.Linear):
+        super().__init__()
+        self.backbone, self.fc = backbone, fc
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.fc(feats.float())
 
 
 class LinearEvaluator:
@@ -125,16 +196,93 @@ class LinearEvaluator:
                     self.info["format"], dataset_name(cfg), f" ({self.subset})" if self.subset else "", len(train),
                     len(val), self.num_classes, self.world, self.local_batch, s.EPOCHS, s.BASE_LR, s.SCHEDULER,
                     "cached features" if s.CACHE_FEATURES else "backbone run on every batch")
+        self.kd: Optional[dict] = None  # results.json "kd": the teacher and the KD settings; None = plain CE
+        self.teacher: Optional[TeacherClassifier] = None  # built when first needed (not for --eval-only)
+        self.teacher_cache: Optional[torch.Tensor] = None  # N x classes teacher logits of the train split (cached)
+        if cfg.KD.TEACHER_CLASSIFIER:
+            self._setup_kd()
+
+    def _setup_kd(self) -> None:
+        """Read and check the teacher's classifier checkpoint and find its backbone (built later, in
+        :meth:`_teacher_net`): every mistake of the KD keys is reported here, before anything trains."""
+        k = self.cfg.KD
+        state, file = read_classifier_checkpoint(k.TEACHER_CLASSIFIER)
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(f"KD.TEACHER_CLASSIFIER {file} is a classifier for {state['num_classes']} classes, but "
+                             f"{dataset_name(self.cfg)} has {self.num_classes}: the teacher's linear evaluation must "
+                             f"be on the same classes (the same dataset / class folders); point KD.TEACHER_CLASSIFIER "
+                             f"at the teacher's linear evaluation on this dataset")
+        saved = _saved_cfg(state)
+        weights = k.TEACHER_WEIGHTS or state["weights"]
+        arch = k.TEACHER_ARCH or state["arch"]
+        source = "KD.TEACHER_WEIGHTS" if k.TEACHER_WEIGHTS else (f"KD.TEACHER_WEIGHTS is empty, so the backbone "
+                                                                 f"named by the classifier checkpoint {file}")
+        if weights != "random" and not os.path.isfile(weights):
+            raise FileNotFoundError(f"the KD teacher backbone {weights!r} does not exist ({source}): set "
+                                    f"KD.TEACHER_WEIGHTS to the teacher backbone's file (the MODEL.WEIGHTS of the "
+                                    f"teacher's linear evaluation)")
+        try:
+            dim = get_spec(arch).feature_dim
+        except KeyError as e:
+            raise ValueError(f"KD.TEACHER_ARCH: {e.args[0]}") from None
+        if dim != state["feature_dim"]:
+            raise ValueError(f"KD.TEACHER_CLASSIFIER {file} is a classifier on {state['feature_dim']}-d features of "
+                             f"{state['arch']}, but the teacher architecture {arch} has {dim}-d features: clear "
+                             f"KD.TEACHER_ARCH (the checkpoint's architecture is used) or set it to that of the "
+                             f"teacher's linear evaluation")
+        if k.TEACHER_WEIGHTS and os.path.abspath(weights) != state["weights"] and weights != state["weights"]:
+            logger.warning("KD: the teacher classifier %s was trained on the features of %s, now using %s "
+                           "(KD.TEACHER_WEIGHTS)", file, state["weights"], weights)
+        planned = (saved.get("SOLVER") or {}).get("EPOCHS")
+        if isinstance(planned, int) and state.get("epoch", planned) < planned:
+            logger.warning("KD: the teacher classifier %s is from epoch %s of %d: its linear evaluation has not "
+                           "finished", file, state.get("epoch"), planned)
+        self._teacher_src = {"state": state["classifier"], "file": file, "arch": arch, "weights": weights,
+                             "seed": saved.get("SEED", 0)}
+        self.kd = {"teacher_classifier": file, "teacher_classifier_epoch": state.get("epoch"),
+                   "teacher_weights": weights if weights == "random" else os.path.abspath(weights),
+                   "teacher_arch": arch, "alpha": k.ALPHA, "temperature": k.TEMPERATURE, "reduction": k.REDUCTION}
+        logger.info("knowledge distillation on: teacher %s (%s) with its linear classifier %s (epoch %s); loss = "
+                    "%g * T^2 * KL + %g * cross-entropy, T %g, KL reduction %s%s", arch, self.kd["teacher_weights"],
+                    file, state.get("epoch"), k.ALPHA, 1 - k.ALPHA, k.TEMPERATURE, k.REDUCTION,
+                    " (the official kd_ce_loss.py: also averaged over the classes)" if k.REDUCTION == "mean"
+                    else " (Hinton's KL)")
+
+    def _teacher_net(self) -> TeacherClassifier:
+        """The teacher, built (once) from :meth:`_setup_kd`'s findings: frozen, in eval mode, on this device."""
+        if self.teacher is not None:
+            return self.teacher
+        src = self._teacher_src
+        weights, arch = src["weights"], src["arch"]
+        # building networks draws random initial weights: keep the run's RNG stream exactly as it is without KD
+        with torch.random.fork_rng(devices=[]):
+            if weights == "random":  # as that linear evaluation built it: seeded with its SEED
+                backbone, _ = load_backbone("random", arch, src["seed"])
+            else:
+                ckpt = read_backbone(weights, arch=arch, what="KD teacher backbone (KD.TEACHER_WEIGHTS)")
+                backbone = build_backbone(ckpt.arch)
+                load_strict(backbone, ckpt.state_dict, f"KD teacher backbone {weights} ({ckpt.format} format, arch "
+                                                       f"{ckpt.arch}; KD.TEACHER_WEIGHTS / KD.TEACHER_ARCH)")
+            fc = nn.Linear(get_spec(arch).feature_dim, self.num_classes)
+        load_strict(fc, src["state"], f"the classifier of KD.TEACHER_CLASSIFIER {src['file']}")
+        teacher = freeze(TeacherClassifier(freeze(backbone), fc)).to(self.device)
+        if self.cfg.MODEL.CHANNELS_LAST:
+            teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        return teacher
 
     def _lr_factor(self, epoch: int) -> float:
         return lr_factor(self.cfg, epoch)
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "rng": torch.get_rng_state(),
-                "arch": self.arch, "weights": self.info["weights"], "num_classes": self.num_classes,
-                "feature_dim": self.feature_dim, "warnings": list(self.warnings), "cfg": self.cfg.dump()}
+        state = {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "rng": torch.get_rng_state(),
+                 "arch": self.arch, "weights": self.info["weights"], "num_classes": self.num_classes,
+                 "feature_dim": self.feature_dim, "warnings": list(self.warnings), "cfg": self.cfg.dump()}
+        if self.kd is not None:  # what the classifier was distilled from (the teacher itself is not saved)
+            state["kd"] = dict(self.kd)
+        return state
 
     def resume_or_start(self) -> None:
         state, path = self.checkpointer.load_latest()
@@ -151,6 +299,9 @@ class LinearEvaluator:
         if state["weights"] != self.info["weights"]:
             logger.warning("%s was trained on the features of %s, now evaluating %s", path, state["weights"],
                            self.info["weights"])
+        if state.get("kd") != self.kd:
+            logger.warning("%s was trained with knowledge distillation %s, now continuing with %s", path,
+                           state.get("kd") or "off", self.kd or "off")
         self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -171,26 +322,37 @@ class LinearEvaluator:
         datasets = {"train": self.train_set, "val": self.val_set}
         self.cache = dict(self.cache or {}, **{s: extract_features(self.backbone, datasets[s], desc=f"{s} features",
                                                                    **kw) for s in splits})
-        self.cache_seconds += time.perf_counter() - t
         logger.info("cached the frozen features of %s in %.1f s", " and ".join(
             f"{len(datasets[s])} {s} images" for s in splits), time.perf_counter() - t)
+        if self.kd is not None and "train" in splits:  # the teacher's logits of the same images, in the same order
+            t_kd = time.perf_counter()
+            self.teacher_cache = extract_features(self._teacher_net(), self.train_set, desc="train teacher logits",
+                                                  **kw)
+            logger.info("cached the KD teacher's logits of %d train images in %.1f s", len(self.train_set),
+                        time.perf_counter() - t_kd)
+        self.cache_seconds += time.perf_counter() - t
 
-    def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """This epoch's (features, labels) batches: the sampler's order cut into batches of ``local_batch``, from
-        the cache or by running the backbone."""
+    def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """This epoch's (features, labels, teacher logits or None without KD) batches: the sampler's order cut into
+        batches of ``local_batch``, from the cache or by running the backbone (and the teacher, on the same
+        augmented images)."""
         if self.cache is not None:
             idx = torch.tensor(self.sampler.indices())
             labels = torch.as_tensor(self.train_set.base.targets)
             for start in range(0, len(idx), self.local_batch):
                 b = idx[start:start + self.local_batch]
-                yield self.cache["train"][b].to(self.device), labels[b].to(self.device)
+                teacher = self.teacher_cache[b].to(self.device) if self.kd is not None else None
+                yield self.cache["train"][b].to(self.device), labels[b].to(self.device), teacher
             return
         loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
                             num_workers=self.cfg.DATA.NUM_WORKERS, pin_memory=self.device.type == "cuda")
+        teacher_net = self._teacher_net() if self.kd is not None else None
         for images, labels in loader:
-            feats = backbone_features(self.backbone, images.to(self.device, non_blocking=True), self.amp_dtype,
-                                      self.cfg.MODEL.CHANNELS_LAST)
-            yield feats, labels.to(self.device)
+            images = images.to(self.device, non_blocking=True)
+            feats = backbone_features(self.backbone, images, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
+            teacher = (backbone_features(teacher_net, images, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
+                       if teacher_net is not None else None)
+            yield feats, labels.to(self.device), teacher
 
     def _reduce(self, values: List[float]) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -203,14 +365,18 @@ class LinearEvaluator:
         non-finite loss and warns (once per run) when the epoch's mean loss exploded (:meth:`_check_explosion`)."""
         self.sampler.set_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
+        kd = self.cfg.KD
         loss_sum, hits, seen = 0.0, 0, 0
         self.classifier_ddp.train()
         batches = math.ceil(len(self.sampler) / self.local_batch)
         with progress_bar(batches, f"epoch {self.epoch + 1}/{self.cfg.SOLVER.EPOCHS}", unit="batch",
                           leave=False) as bar:  # the epoch's log line follows
-            for feats, labels in self._train_batches():
+            for feats, labels, teacher_logits in self._train_batches():
                 logits = self.classifier_ddp(feats)
-                loss = F.cross_entropy(logits, labels)
+                if teacher_logits is None:
+                    loss = F.cross_entropy(logits, labels)
+                else:
+                    loss = kd_loss(logits, teacher_logits, labels, kd.ALPHA, kd.TEMPERATURE, kd.REDUCTION)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -329,7 +495,8 @@ class LinearEvaluator:
             "lr": cfg.SOLVER.BASE_LR, "scheduler": cfg.SOLVER.SCHEDULER,
             "steps": list(cfg.SOLVER.STEPS) if cfg.SOLVER.SCHEDULER == "multistep" else [],
             "gamma": cfg.SOLVER.GAMMA, "cached_features": bool(cfg.SOLVER.CACHE_FEATURES),
-            "cache_seconds": round(self.cache_seconds, 3), "warnings": list(self.warnings),
+            "cache_seconds": round(self.cache_seconds, 3), "kd": dict(self.kd) if self.kd else None,
+            "warnings": list(self.warnings),
             "seconds": round(time.perf_counter() - self.t0, 3), "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
         }
         if self.rank == 0:

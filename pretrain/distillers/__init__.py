@@ -1,5 +1,6 @@
-"""Distillers: terms pulling the student towards a frozen teacher. Every module here is imported and registers its
-class in :data:`pretrain.methods.DISTILLERS`, so a new distiller is one file."""
+"""Distillers: terms pulling the student towards a frozen teacher. Every module here is imported; a distiller's
+module registers its class in :data:`pretrain.methods.DISTILLERS`, so a new distiller is one file (``queue`` holds
+the queue helper the queue-based ones share)."""
 import importlib
 import pkgutil
 

@@ -34,7 +34,7 @@ class DisCo(Distiller):
 
     @classmethod
     def from_config(cls, cfg, student, teacher) -> "DisCo":
-        theirs, ours = teacher.head[-1].out_features, student.head[-1].out_features
+        theirs, ours = teacher.out_dim, student.out_dim
         if theirs != ours:
             raise ValueError(f"teacher embeddings are {theirs}-d but MODEL.STUDENT.HEAD.OUT_DIM is {ours}; set it to "
                              f"{theirs}")

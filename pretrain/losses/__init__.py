@@ -1,5 +1,11 @@
 """One pure loss function per file."""
+from .attention import attention_loss
+from .compress import compress_loss
 from .disco import disco_loss
 from .infonce import infonce_loss
+from .kd import kd_loss
+from .rkd import rkd_angle_loss, rkd_distance_loss
+from .seed import seed_loss
 
-__all__ = ["disco_loss", "infonce_loss"]
+__all__ = ["attention_loss", "compress_loss", "disco_loss", "infonce_loss", "kd_loss", "rkd_angle_loss",
+           "rkd_distance_loss", "seed_loss"]
