@@ -61,6 +61,10 @@ EXCUSED = {
                                      [(".ci/run", "tools/local_slurm.sh install")]),
     "tools/local_slurm.sh start": ("starts the SLURM daemons as root; .ci/run runs it (the --slurm tests skip "
                                    "without it)", [(".ci/run", "tools/local_slurm.sh start")]),
+    "python tools/compare_distillers.py --output-dir runs/compare --seeds 0 1 2": (
+        "24 pretraining runs (87 minutes, README); tests/test_compare_distillers.py runs the same tool through its "
+        "command line at toy size (three rows, one seed, a tiny teacher)",
+        [("tests/test_compare_distillers.py", '"compare_distillers.py"')]),
     "python tools/make_data.py imagefolder OUT": (
         "a synopsis in prose; the CPU section's stand-in block runs `make_data.py imagefolder` with real arguments",
         [("README.md", "python tools/make_data.py imagefolder datasets_synth/")]),
