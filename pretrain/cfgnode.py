@@ -3,6 +3,7 @@ inheritance, ``KEY VALUE`` overrides, and strict YAML: a file with a duplicated 
 keeps the last occurrence, which is how the official DisCo VOC config lost three keys).
 """
 import contextlib
+import copy
 import difflib
 import os
 import re
@@ -103,7 +104,80 @@ class StrictYamlMixin:
             chain.pop()
 
 
-class CfgNode(StrictYamlMixin, _FvcoreCfgNode):
+class ChoiceError(ConfigError):
+    """A value outside the allowed values of a key declared with :meth:`CfgNode.set_choices`."""
+
+    def __init__(self, key: str, value, choices, where: str = ""):
+        self.key, self.value, self.choices = key, value, tuple(choices)
+        allowed = ", ".join(str(c) for c in self.choices)
+        super().__init__(f"{key} {value!r}{f' ({where})' if where else ''}: allowed values are {allowed}")
+
+
+class ChoicesMixin:
+    """Keys whose value is one of a fixed set of values of different types, e.g. ``True``, ``False`` or ``"auto"``.
+
+    yacs refuses a value of another type than the default's (a yaml ``True`` for the default ``"auto"``); a key
+    declared with :meth:`set_choices` (on the root node) instead takes exactly its listed values, from a yaml file
+    (``ENABLED: True``, ``ENABLED: auto``) and from the command line (``TRAIN.AMP.ENABLED True`` / ``False`` /
+    ``auto``), and any other value raises :class:`ChoiceError` naming the key and the allowed values. The
+    declarations live in the node's ``__dict__`` (as yacs' own flags), so ``clone()`` and pickling keep them."""
+
+    def set_choices(self, key: str, choices: Sequence) -> None:
+        """Declare that the dotted ``key`` (which must exist) takes exactly one of ``choices``."""
+        cfg_value(self, key)  # KeyError for a key that does not exist
+        self.__dict__.setdefault("__choices__", {})[key] = tuple(choices)
+
+    def choices(self, key: str):
+        """The allowed values of ``key``, or None for an ordinary key."""
+        return self.__dict__.get("__choices__", {}).get(key)
+
+    def _set_choice(self, key: str, value) -> None:
+        allowed = self.choices(key)
+        # bool is an int: 1 is not True here, and "true" is not True either
+        if not any(type(value) is type(c) and value == c for c in allowed):
+            raise ChoiceError(key, value, allowed)
+        *parents, leaf = key.split(".")
+        node = self
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+    def merge_from_other_cfg(self, cfg_other):
+        declared = self.__dict__.get("__choices__", {})
+        present = [k for k in declared if _has_key(cfg_other, k)]
+        if present:
+            cfg_other = copy.deepcopy(cfg_other)
+            for key in present:
+                *parents, leaf = key.split(".")
+                node = cfg_other
+                for part in parents:
+                    node = node[part]
+                self._set_choice(key, node.pop(leaf))
+        return super().merge_from_other_cfg(cfg_other)
+
+    def merge_from_list(self, cfg_list):
+        declared = self.__dict__.get("__choices__", {})
+        rest = []
+        for key, value in zip(list(cfg_list)[0::2], list(cfg_list)[1::2]):
+            if key in declared:
+                self._set_choice(key, self._decode_cfg_value(value))
+            else:
+                rest += [key, value]
+        if len(cfg_list) % 2:
+            rest.append(cfg_list[-1])  # let yacs refuse the odd list as it does
+        return super().merge_from_list(rest)
+
+
+def _has_key(cfg, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+class CfgNode(ChoicesMixin, StrictYamlMixin, _FvcoreCfgNode):
     pass
 
 
@@ -171,6 +245,8 @@ def _merge_errors(cfg: CfgNode, where: str):
     :class:`UnknownKeyError` / :class:`ConfigError` naming the key and where it was set."""
     try:
         yield
+    except ChoiceError as e:
+        raise ChoiceError(e.key, e.value, e.choices, where) from None
     except ConfigError:
         raise
     except (AssertionError, KeyError) as e:

@@ -9,9 +9,10 @@ import os
 import pretrain.distillers  # noqa: F401  (registers every distiller)
 import pretrain.testbeds  # noqa: F401  (registers every testbed)
 
-from .cfgnode import CN, CfgNode, ConfigError, check_ranges, merge_and_freeze
+from .cfgnode import CN, CfgNode, ConfigError, cfg_value, check_ranges, merge_and_freeze
 from .cfgnode import save_cfg  # noqa: F401  (pretrainer API)
 from .methods import DISTILLERS, TESTBEDS
+from .precision import AUTO_KEYS
 
 
 # METHOD of earlier versions -> the METHOD.DISTILLERS that replace it (the testbed was always mocov2)
@@ -39,7 +40,7 @@ _C.METHOD.TESTBED = "mocov2"  # the student's own self-supervised objective (TES
 _C.METHOD.DISTILLERS = ["disco"]  # terms towards the frozen MODEL.TEACHER (DISTILLERS), e.g. [attention, disco]
 
 _C.MODEL = CN()
-_C.MODEL.CHANNELS_LAST = False  # channels_last memory format for all encoders (faster with AMP on GPU and bf16 CPUs)
+_C.MODEL.CHANNELS_LAST = "auto"  # channels_last memory format for all encoders; auto: on CPUs and autocast GPUs
 
 _C.MODEL.STUDENT = CN()
 _C.MODEL.STUDENT.ARCH = "resnet18"  # backbone name in pretrain.backbones.BACKBONES (timm architecture)
@@ -83,8 +84,8 @@ _C.SOLVER.COSINE_PER_ITER = False  # False: cosine steps once per epoch as MoCo-
 
 _C.TRAIN = CN()
 _C.TRAIN.AMP = CN()
-_C.TRAIN.AMP.ENABLED = False  # autocast mixed precision for the student's (query and key) forward passes
-_C.TRAIN.AMP.TEACHER = False  # autocast for the frozen teacher's forward (no gradients, usually the largest cost)
+_C.TRAIN.AMP.ENABLED = "auto"  # autocast for the student's (query and key) forwards; auto: on where bf16 is native
+_C.TRAIN.AMP.TEACHER = "auto"  # autocast for the frozen teacher's forward (usually the largest cost); auto: as above
 _C.TRAIN.AMP.DTYPE = "bfloat16"  # "bfloat16" (no loss scaling) or "float16" (GradScaler, GPU only)
 _C.TRAIN.CHECKPOINT_PERIOD = 1000  # iterations between checkpoints (also written at the end of each epoch and on exit)
 _C.TRAIN.MAX_TO_KEEP = 3  # newest iteration checkpoints kept on disk
@@ -92,6 +93,12 @@ _C.TRAIN.LOG_PERIOD = 20  # iterations between metrics.jsonl / TensorBoard entri
 _C.TRAIN.STOP_AT_ITER = -1  # stop cleanly (checkpoint written) after this global iteration; -1 = run to the end
 _C.TRAIN.DETERMINISTIC = False  # torch.use_deterministic_algorithms; bitwise-reproducible resume on CPU
 _C.TRAIN.RESUME_CHANGED_CONFIG = False  # resume although keys outside SAFE_ON_RESUME differ from the checkpoint's
+
+# True, False or auto (the default): auto is resolved once the device is known (pretrain.precision.resolve_auto:
+# bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16, fp32 elsewhere; channels_last on CPUs and on
+# GPUs that autocast); OUTPUT_DIR/config.yaml and the checkpoints hold the resolved True / False
+for _key in AUTO_KEYS:
+    _C.set_choices(_key, (True, False, "auto"))
 
 # Keys (or whole nodes) that may differ between a checkpoint's config and the config that resumes it: they change
 # how the run is executed or watched, not what it computes. Any other difference stops the resume (pretrain.cfgdiff).
@@ -149,6 +156,10 @@ def validate_cfg(cfg: CfgNode) -> None:
                           f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
     if cfg.SOLVER.OPTIMIZER not in ("sgd", "adamw"):
         raise ConfigError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
+    for key in AUTO_KEYS:
+        value = cfg_value(cfg, key)
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"{key} {value!r}: allowed values are True, False, auto")
     if cfg.TRAIN.AMP.DTYPE not in ("bfloat16", "float16"):
         raise ConfigError(f"TRAIN.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.TRAIN.AMP.DTYPE!r}")
     TESTBEDS.get(m.TESTBED).check_config(cfg)

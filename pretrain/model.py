@@ -12,7 +12,7 @@ from torch import nn
 from .checkpoint import load_strict
 from .encoder import Encoder, build_student_encoder
 from .methods import DISTILLERS, TESTBEDS, Distiller, Testbed
-from .precision import amp_dtype
+from .precision import amp_dtype, resolve_cfg
 from .safeload import load_torch
 from .teacher import load_teacher
 
@@ -154,10 +154,12 @@ def _to_float(out: Dict[str, object]) -> Dict[str, object]:
     return {k: [m.float() for m in v] if isinstance(v, list) else v.float() for k, v in out.items()}
 
 
-def build_method(cfg) -> Method:
+def build_method(cfg, device="cpu") -> Method:
     """The method of ``cfg``: the student (MODEL.STUDENT, optionally initialised from MODEL.STUDENT.WEIGHTS), the
     testbed METHOD.TESTBED, the distillers METHOD.DISTILLERS and, when there are distillers, the frozen teacher
-    MODEL.TEACHER. Built in this order, so the same seed gives the same initial weights."""
+    MODEL.TEACHER. Built in this order, so the same seed gives the same initial weights. A precision key left to
+    ``auto`` is resolved for ``device`` (the Trainer passes a config it already resolved)."""
+    cfg = resolve_cfg(cfg, device)[0]
     student = build_student_encoder(cfg)
     if cfg.MODEL.STUDENT.WEIGHTS:
         sd = load_torch(cfg.MODEL.STUDENT.WEIGHTS, "MODEL.STUDENT.WEIGHTS")

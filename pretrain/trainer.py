@@ -26,7 +26,7 @@ from .export import export_student
 from .hooks import HookBase, KnnMonitor, MetricsWriter, PeriodicCheckpointer, PreemptionHook
 from .knn import KnnData
 from .model import Method, build_method
-from .precision import amp_dtype
+from .precision import amp_dtype, resolve_cfg
 from .preemption import Preempted, StopRequest
 from .runlock import lock_output_dir
 from .runlog import setup_logging, truncate_metrics
@@ -64,8 +64,12 @@ class Trainer:
             raise
 
     def _build(self) -> None:
+        setup_logging(self.cfg.OUTPUT_DIR, self.rank)
+        # TRAIN.AMP.ENABLED / TEACHER and MODEL.CHANNELS_LAST "auto" -> True / False for this device, once: from here
+        # on self.cfg (config.yaml, the checkpoints, the hooks) holds the resolved values
+        self.cfg, self.auto_keys, precision = resolve_cfg(self.cfg, self.device)
+        logger.info(precision)
         cfg = self.cfg
-        setup_logging(cfg.OUTPUT_DIR, self.rank)
         if cfg.TRAIN.DETERMINISTIC:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.SEED)  # identical initial weights on every process
@@ -203,7 +207,10 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no readable checkpoint in {self.checkpointer.dir}")
             logger.info("no checkpoint in %s: starting from iteration 0", self.checkpointer.dir)
         else:
-            changes = check_resume(_current_form(state["cfg"]), self.cfg, SAFE_ON_RESUME,
+            # a key left to "auto" may resolve otherwise than in the checkpoint on other hardware (a bf16 run
+            # continued on a CPU without native bf16): allowed, since auto asks for this machine's choice, and recorded
+            # in config_changes.jsonl; a value set explicitly that differs still stops the resume
+            changes = check_resume(_current_form(state["cfg"]), self.cfg, SAFE_ON_RESUME + tuple(self.auto_keys),
                                    "TRAIN.RESUME_CHANGED_CONFIG", path)
             self.load_state_dict(state)
             logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iter,

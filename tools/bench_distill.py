@@ -2,24 +2,29 @@
 """Benchmark the DisCo distillation step against a faithful re-implementation of the official step.
 
     python tools/bench_distill.py [--pairs resnet50:resnet18 resnet50:efficientnet_b0] [--image-size 112]
-                                  [--batch 32] [--queue 65536] [--steps 6] [--device cpu|cuda] [--amp auto|on|off]
+                                  [--batch 32] [--queue 65536] [--steps 6] [--device cpu|cuda] [--variants ...]
     python tools/bench_distill.py --quick    # about a minute on 2 CPU cores: R-50 -> R-18 only, smaller step
 
-Each (variant, teacher, student) runs in its own subprocess, so peak memory (CPU: peak RSS; GPU: peak allocated)
-is measured cleanly; all variants run in this one invocation on the same machine and the ratios are printed.
+Each (variant, teacher, student) runs in its own subprocess, so peak memory (CPU: peak RSS of the process, the
+imported libraries included; GPU: peak allocated) is measured cleanly; all variants run in this one invocation on
+the same machine and every ratio is to the reference measured in that run.
 
-reference  the official DisCo-pytorch step: fp32, teacher BN in train mode, one teacher forward per view, an unused
-           second teacher copy held in memory, sum-reduced MSE.
-ours       pretrain.engine.train_step on pretrain.model.Method (mocov2 + disco): the teacher first (eval mode, one
-           forward over both views, no second copy, bf16 autocast), then one student view at a time; channels_last. The
-           student runs both in bf16 autocast and in fp32 ("ours-bf16" / "ours-fp32": on CPUs, depthwise-conv students
-           such as EfficientNet are faster in fp32); the faster is compared. ``--no-amp`` / ``--no-channels-last``.
+reference      the official DisCo-pytorch step: fp32, teacher BN in train mode, one teacher forward per view, an
+               unused second teacher copy held in memory, sum-reduced MSE.
+ours-*         pretrain.engine.train_step on pretrain.model.Method (mocov2 + disco): the teacher first (eval mode,
+               one forward over both views, no second copy), then one student view at a time. ``fp32``: no
+               autocast; ``bf16``: bf16 autocast for student and teacher (the teacher's weights stored in bf16);
+               ``-cl``: the channels_last layout.
+auto           what the config default (TRAIN.AMP.ENABLED / TEACHER and MODEL.CHANNELS_LAST ``auto``) picks on this
+               device, by pretrain.precision.resolve_auto: one of the ours-* variants, whose measurement it shows.
 
-bf16 (``--amp auto``, the default) is used on GPUs that support it and on CPUs with native bf16 instructions
-(oneDNN's check: AVX512-BF16 / AMX); on other CPUs (e.g. AVX2 only) bf16 is emulated and slower than fp32, so both
-variants run in fp32 there and only the step's structure differs. ``--quick`` measures the same comparison at a size
-that finishes in about a minute on a 2-core CPU (its numbers are a smoke test of the ratios, not the benchmark);
-flags given with it override its sizes.
+MFU: the step's FLOPs (fvcore's counts) per second against the matmul peak measured here for the dtype the variant
+computes in (fp32, or bf16). A peak that rounds to 0.00 TFLOP/s or a dtype the device only emulates (bf16 on a CPU
+without AVX512-BF16 / AMX) is reported as unusable and no MFU is computed against it. Where bf16 is emulated, the
+bf16 variants are timed over a single step without warm-up (they are 10-20 times slower than fp32 there, which is
+all their figure shows; ``--skip-emulated`` leaves them out). ``--quick`` measures the same comparison at a size
+that finishes in about a minute on a 2-core CPU (a smoke test of the ratios, not the benchmark); flags given with it
+override its sizes.
 """
 import argparse
 import copy
@@ -29,18 +34,59 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Dict, Optional
 
 # tools/pretrain.py shares its name with the `pretrain` package: put the repository root, not tools/, on the path.
 _TOOLS = os.path.dirname(os.path.realpath(__file__))
 if sys.path and os.path.realpath(sys.path[0]) == _TOOLS:
     sys.path[0] = os.path.dirname(_TOOLS)
+if os.path.dirname(_TOOLS) not in [os.path.realpath(p) for p in sys.path if p]:
+    sys.path.insert(0, os.path.dirname(_TOOLS))  # imported as a module (tests) from elsewhere
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pretrain.precision import device_name, native_bf16, resolve_auto  # noqa: E402
+
+GIB = 2 ** 30
+
+# name -> (student bf16, teacher bf16, channels_last, label); "reference" is the official step
+VARIANTS = {
+    "reference": (False, False, False, "reference (official step, fp32)"),
+    "ours-fp32": (False, False, False, "ours fp32"),
+    "ours-fp32-cl": (False, False, True, "ours fp32 + channels_last"),
+    "ours-bf16": (True, True, False, "ours bf16 (student + teacher)"),
+    "ours-bf16-cl": (True, True, True, "ours bf16 + channels_last"),
+}
+
+
+def auto_variant(choice: Dict[str, object]) -> str:
+    """The ours-* variant that :func:`pretrain.precision.resolve_auto`'s ``choice`` runs."""
+    for name, (s_bf16, t_bf16, cl, _) in VARIANTS.items():
+        if name != "reference" and (s_bf16, t_bf16, cl) == (bool(choice["amp"]), bool(choice["teacher_amp"]),
+                                                               bool(choice["channels_last"])):
+            return name
+    raise ValueError(f"no variant runs {choice}")
+
+
+def _nbytes(*objs) -> int:
+    """Bytes of the parameters and buffers of modules / of tensors (each storage counted once)."""
+    seen, total = set(), 0
+    for obj in objs:
+        tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else [obj]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _params_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
 
 def reference_step_fn(teacher_arch, student_arch, queue_size, device):
-    """The official training step, re-implemented (no code copied): returns step(view1, view2)."""
+    """The official training step, re-implemented (no code copied): (step(view1, view2), {part: bytes})."""
     from pretrain.encoder import build_encoder
 
     enc_q = build_encoder(student_arch, 2048, 128).to(device)
@@ -78,10 +124,15 @@ def reference_step_fn(teacher_arch, student_arch, queue_size, device):
         return loss
 
     step.keep = teacher_unused
-    return step
+    trainable = _params_bytes(enc_q.parameters())
+    parts = {"student": _nbytes(enc_q), "gradients": trainable, "SGD momentum": trainable,
+             "key encoder": _nbytes(enc_k), "teacher": _nbytes(teacher), "unused teacher copy": _nbytes(teacher_unused),
+             "queue": _nbytes(queue)}
+    return step, parts
 
 
-def ours_step_fn(teacher_arch, student_arch, queue_size, device, amp, student_amp, channels_last):
+def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, teacher_bf16, channels_last):
+    """(step(view1, view2), {part: bytes}) of pretrain.engine.train_step on the DisCo Method."""
     from pretrain.distillers.disco import DisCo
     from pretrain.encoder import build_encoder
     from pretrain.engine import train_step
@@ -89,8 +140,9 @@ def ours_step_fn(teacher_arch, student_arch, queue_size, device, amp, student_am
     from pretrain.testbeds.mocov2 import MoCoV2
 
     student = build_encoder(student_arch, 2048, 128)
-    model = Method(student, MoCoV2(student, queue_size, 0.999), {"disco": DisCo(32.0)},
-                   build_encoder(teacher_arch, 2048, 128), teacher_amp_dtype=torch.bfloat16 if amp else None).to(device)
+    testbed = MoCoV2(student, queue_size, 0.999)
+    model = Method(student, testbed, {"disco": DisCo(32.0)}, build_encoder(teacher_arch, 2048, 128),
+                   teacher_amp_dtype=torch.bfloat16 if teacher_bf16 else None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
@@ -99,25 +151,31 @@ def ours_step_fn(teacher_arch, student_arch, queue_size, device, amp, student_am
         if channels_last:
             im_q = im_q.contiguous(memory_format=torch.channels_last)
             im_k = im_k.contiguous(memory_format=torch.channels_last)
-        return train_step(model, [im_q, im_k], opt, None, amp_dtype=torch.bfloat16 if amp and student_amp else None
+        return train_step(model, [im_q, im_k], opt, None, amp_dtype=torch.bfloat16 if student_bf16 else None
                           )["loss"]
 
-    return step
+    trainable = _params_bytes(model.trainable_parameters())
+    parts = {"student": _nbytes(model.student), "gradients": trainable, "SGD momentum": trainable,
+             "key encoder": _nbytes(testbed.encoder_k), "teacher": _nbytes(model.teacher),
+             "queue": _nbytes(testbed.queue)}
+    return step, parts
 
 
 def measure(args) -> dict:
-    """Runs in the subprocess: build, warm up, time ``--steps`` steps, report images/s and peak memory."""
+    """Runs in the subprocess: build, warm up, time ``--steps`` steps, report images/s, peak memory and where the
+    bytes go."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     teacher, student = args.pair.split(":")
-    import pretrain.model  # noqa: F401  (the libraries both variants load, before any model exists)
-    base_gib = _rss_gib()
+    import pretrain.model  # noqa: F401  (the libraries every variant loads, before any model exists)
+    base_gib = _rss_gib() if device.type == "cpu" else 0.0
     if args.variant == "reference":
-        step = reference_step_fn(teacher, student, args.queue, device)
+        step, parts = reference_step_fn(teacher, student, args.queue, device)
     else:
-        step = ours_step_fn(teacher, student, args.queue, device, args.amp, args.variant == "ours-bf16",
-                            args.channels_last)
+        s_bf16, t_bf16, cl, _ = VARIANTS[args.variant]
+        step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl)
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
+    parts["input views"] = 2 * _nbytes(views[0])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step(*views)
@@ -128,11 +186,12 @@ def measure(args) -> dict:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        peak = torch.cuda.max_memory_allocated() / GIB
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"variant": args.variant, "pair": args.pair, "s_per_step": dt, "images_per_s": args.batch / dt,
-            "peak_gib": peak, "base_gib": base_gib if device.type == "cpu" else 0.0, "loss": float(loss),
+            "steps": args.steps, "warmup": args.warmup, "peak_gib": peak, "base_gib": base_gib,
+            "parts_gib": {k: v / GIB for k, v in parts.items()}, "loss": float(loss),
             "threads": torch.get_num_threads()}
 
 
@@ -146,26 +205,56 @@ def _rss_gib() -> float:
         return 0.0
 
 
-def matmul_peak(device, dtype, quick: bool = False) -> float:
-    """Measured matmul throughput (TFLOP/s) of this device at ``dtype`` with 4096^2 (GPU) / 2048^2 (CPU) operands
-    (``quick``: half the side on the CPU)."""
-    n = 4096 if device.type == "cuda" else 1024 if quick else 2048
+def matmul_peak(device, dtype, quick: bool = False) -> Dict[str, object]:
+    """Measured matmul throughput of ``device`` at ``dtype``: ``{"dtype", "tflops", "native", "usable", "n"}``.
+    4096^2 (GPU) / 2048^2 (CPU; ``quick``: 1024^2) operands; a dtype the device only emulates is measured on 512^2
+    operands (it would take minutes otherwise) and is never usable, nor is a peak that rounds to 0.00 TFLOP/s."""
+    device = torch.device(device)
+    native = dtype == torch.float32 or native_bf16(device)
+    n = 4096 if device.type == "cuda" else 512 if not native else 1024 if quick else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    for _ in range(3 if native else 1):
         a @ b
     sync()
-    reps = 50 if device.type == "cuda" else 5
+    reps = 50 if device.type == "cuda" else 5 if native else 2
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
     sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+    tflops = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    return {"dtype": name, "tflops": tflops, "native": native, "usable": peak_usable(tflops, native), "n": n}
+
+
+def peak_usable(tflops: float, native: bool) -> bool:
+    """A peak one may divide by: a dtype the device runs natively, at a rate that does not print as 0.00."""
+    return bool(native) and round(float(tflops), 2) > 0
+
+
+def format_peak(peak: Dict[str, object]) -> str:
+    """``fp32 0.52 TFLOP/s`` or ``bf16 unusable (emulated on this device: 0.004 TFLOP/s)``."""
+    if peak["usable"]:
+        return f"{peak['dtype']} {peak['tflops']:.2f} TFLOP/s"
+    why = "emulated on this device" if not peak["native"] else "rounds to 0.00 TFLOP/s"
+    return f"{peak['dtype']} unusable ({why}: {peak['tflops']:.3g} TFLOP/s)"
+
+
+def mfu(achieved_tflops: float, peak: Optional[Dict[str, object]]) -> Optional[float]:
+    """``achieved / peak`` (a fraction), or None when the peak is missing or unusable: never a division by 0."""
+    if not peak or not peak["usable"] or not peak["tflops"] > 0:
+        return None
+    return achieved_tflops / peak["tflops"]
+
+
+def format_mfu(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def step_flops(pair: str, batch: int, size: int) -> float:
-    """FLOPs of one step of ours, from fvcore's counts: student fwd+bwd (x3) on 2 views, key fwd, teacher fwd x2."""
+    """FLOPs of one step (both the official step and ours), from fvcore's counts: the student's forward + backward
+    (x3) on 2 views, the key encoder's forward, the teacher's forward on 2 views."""
     from fvcore.nn import FlopCountAnalysis
 
     from pretrain.encoder import build_encoder
@@ -182,29 +271,19 @@ def step_flops(pair: str, batch: int, size: int) -> float:
     return batch * (2 * 3 * f["s"] + f["s"] + 2 * f["t"])
 
 
+def memory_breakdown(r: dict) -> str:
+    """``3.10 GiB = libraries 0.70 + student 0.05 + ... + activations and the rest 1.60`` for one measurement."""
+    parts = ([("libraries (torch, timm; before any model)", r["base_gib"])] if r["base_gib"] else [])
+    parts += list(r["parts_gib"].items())
+    rest = r["peak_gib"] - sum(v for _, v in parts)
+    parts.append(("activations, workspaces, allocator caches (the rest)", rest))
+    return f"{r['peak_gib']:.2f} GiB = " + " + ".join(f"{name} {v:.3f}" for name, v in parts)
+
+
 # The full benchmark (make bench) and --quick (about a minute on a 2-core CPU); flags given explicitly win.
 FULL = {"pairs": ["resnet50:resnet18", "resnet50:efficientnet_b0"], "image_size": 112, "batch": 32, "queue": 65536,
         "steps": 6, "warmup": 2}
 QUICK = {"pairs": ["resnet50:resnet18"], "image_size": 64, "batch": 16, "queue": 4096, "steps": 3, "warmup": 1}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 runs natively (not emulated) on ``device``: CUDA's check, or oneDNN's on the CPU (AVX512-BF16 /
-    AMX; an AVX2-only CPU emulates bf16, slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def main():
@@ -222,81 +301,105 @@ def main():
     p.add_argument("--steps", type=int, default=None, help=f"timed steps (default {FULL['steps']})")
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default {FULL['warmup']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which variants to measure (default all; the reference and the auto pick always run)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 for ours: auto = where the device runs bf16 natively")
+                   help="off: leave out the bf16 variants (auto, on: measure them)")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="same as --amp off")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="leave out the channels_last variants")
+    p.add_argument("--skip-emulated", action="store_true",
+                   help="leave out the bf16 variants where the device only emulates bf16")
     p.add_argument("--json", default="", help="also write the results to this file")
     # internal: one measurement in a subprocess
-    p.add_argument("--variant", choices=["reference", "ours-bf16", "ours-fp32"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--pair", help=argparse.SUPPRESS)
     args = p.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = torch.device(args.device)
-    native = native_bf16(device)
     if args.variant:
-        args.amp = args.amp == "on"
         print(json.dumps(measure(args)))
         return
-    amp_reason = {"on": "--amp on", "off": "--amp off"}.get(args.amp, "native bf16" if native else
-                                                          "no native bf16 on this device: it would be emulated")
-    args.amp = args.amp == "on" or (args.amp == "auto" and native)
-    where = cpu_name() + f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" \
-        else torch.cuda.get_device_name(device)
-    print(f"{'quick' if args.quick else 'full'} benchmark on {where}; bf16 {'on' if args.amp else 'off'} "
-          f"({amp_reason})", flush=True)
+
+    native = native_bf16(device)
+    choice = resolve_auto(device)
+    auto = auto_variant(choice)
+    def wanted(v):
+        s_bf16, t_bf16, cl, _ = VARIANTS[v]
+        if (s_bf16 or t_bf16) and (args.amp == "off" or (args.skip_emulated and not native)):
+            return False
+        return args.channels_last or not cl
+
+    variants = [v for v in VARIANTS if v in ("reference", auto) or (v in args.variants and wanted(v))]
+    emulated = not native and any(VARIANTS[v][0] or VARIANTS[v][1] for v in variants)
+    print(f"{'quick' if args.quick else 'full'} benchmark on {device_name(device)}, {torch.get_num_threads()} "
+          f"threads; batch {args.batch}, {args.image_size} px, queue {args.queue}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up" + ("; the bf16 variants 1 step, no warm-up (bf16 is emulated here)" if emulated
+                                      else ""), flush=True)
+    print(f"auto (the config default, pretrain.precision.resolve_auto): {auto} -- {choice['reason']}", flush=True)
     t_start = time.perf_counter()
 
     results = []
     for pair in args.pairs:
-        for variant in ("reference", "ours-bf16", "ours-fp32") if args.amp else ("reference", "ours-fp32"):
+        for variant in variants:
+            slow = (VARIANTS[variant][0] or VARIANTS[variant][1]) and not native
+            steps, warmup = (1, 0) if slow else (args.steps, args.warmup)
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--pair", pair,
                    "--image-size", str(args.image_size), "--batch", str(args.batch), "--queue", str(args.queue),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                   "--amp", "on" if args.amp else "off"]
-            cmd += [] if args.channels_last else ["--no-channels-last"]
+                   "--steps", str(max(1, steps)), "--warmup", str(warmup), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{variant} {pair} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"  {pair:28s} {variant:10s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB",
+            print(f"  {pair:28s} {variant:13s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB",
                   flush=True)
 
-    print(f"\n{device.type}, {torch.get_num_threads()} threads, batch {args.batch}, {args.image_size} px, "
-          f"queue {args.queue}; ours: AMP {'bf16' if args.amp else 'off'}, channels_last {args.channels_last}")
-    print(f"{'teacher:student':28s} {'ours':>9s} {'ref img/s':>10s} {'ours img/s':>11s} {'speed x':>8s} "
-          f"{'ref GiB':>8s} {'ours GiB':>9s} {'memory x':>9s}")
+    peaks = {"fp32": matmul_peak(device, torch.float32, args.quick)}
+    if any(VARIANTS[v][0] or VARIANTS[v][1] for v in variants):
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.quick)
+    print(f"\nmatmul peak measured here: {'; '.join(format_peak(pk) for pk in peaks.values())}")
+    memory_what = ("peak RSS of the process, the imported libraries included" if device.type == "cpu" else
+                   "peak allocated by torch")
+    print(f"memory: {memory_what}; x ref: ratios to the reference of this run; MFU against the peak of the variant's "
+          f"dtype")
     summary = []
-    peak_tflops = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32, args.quick)
     for pair in args.pairs:
+        flops = step_flops(pair, args.batch, args.image_size)
         ref = next(r for r in results if r["pair"] == pair and r["variant"] == "reference")
-        ours = max((r for r in results if r["pair"] == pair and r["variant"].startswith("ours")),
-                   key=lambda r: r["images_per_s"])
-        row = {"pair": pair, "reference": ref, "ours": ours, "speedup": ours["images_per_s"] / ref["images_per_s"],
-               "memory_ratio": ours["peak_gib"] / ref["peak_gib"]}
-        if ref["base_gib"] and ours["base_gib"]:  # what the step itself holds, above the imported libraries
-            row["memory_ratio_above_imports"] = ((ours["peak_gib"] - ours["base_gib"]) /
-                                                 (ref["peak_gib"] - ref["base_gib"]))
-        row["ours_tflops"] = step_flops(pair, args.batch, args.image_size) / ours["s_per_step"] / 1e12
-        row["fraction_of_matmul_peak"] = row["ours_tflops"] / peak_tflops
-        summary.append(row)
-        print(f"{pair:28s} {ours['variant']:>9s} {ref['images_per_s']:10.1f} {ours['images_per_s']:11.1f} {row['speedup']:8.2f} "
-              f"{ref['peak_gib']:8.2f} {ours['peak_gib']:9.2f} {row['memory_ratio']:9.2f}")
-    print(f"\nmeasured {'bf16' if args.amp else 'fp32'} matmul peak: {peak_tflops:.2f} TFLOP/s; ours reaches "
-          + ", ".join(f"{r['pair']} {r['ours_tflops']:.3f} TFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}%)"
-                      for r in summary))
-    for r in summary:
-        if "memory_ratio_above_imports" in r:
-            print(f"{r['pair']}: {r['reference']['base_gib']:.2f} GiB of both peaks is the imported libraries (torch, "
-                  f"timm); above that, ours holds {r['memory_ratio_above_imports']:.2f}x the reference's memory")
-    print("targets: speed x >= 1.5, memory x <= 0.7")
+        print(f"\n{pair.replace(':', ' -> ')}")
+        print(f"{'variant':38s} {'img/s':>7s} {'x ref':>6s} {'peak GiB':>9s} {'x ref':>6s} {'TFLOP/s':>8s} "
+              f"{'MFU':>5s}  steps")
+        rows = [(v, next(r for r in results if r["pair"] == pair and r["variant"] == v)) for v in variants]
+        rows.append(("auto", rows[[v for v, _ in rows].index(auto)][1]))
+        for v, r in rows:
+            tflops = flops / r["s_per_step"] / 1e12
+            dtype = "bf16" if VARIANTS[r["variant"]][0] else "fp32"
+            fraction = mfu(tflops, peaks.get(dtype))
+            row = {"pair": pair, "variant": v, "measured": r["variant"], "images_per_s": r["images_per_s"],
+                   "speedup": r["images_per_s"] / ref["images_per_s"], "peak_gib": r["peak_gib"],
+                   "memory_ratio": r["peak_gib"] / ref["peak_gib"], "tflops": tflops, "mfu": fraction,
+                   "steps": r["steps"], "measurement": r}
+            summary.append(row)
+            label = VARIANTS[v][3] if v != "auto" else f"auto = {VARIANTS[r['variant']][3][len('ours '):]}"
+            print(f"{label:38s} {r['images_per_s']:7.1f} {row['speedup']:6.2f} {r['peak_gib']:9.2f} "
+                  f"{row['memory_ratio']:6.2f} {tflops:8.3f} {format_mfu(fraction):>5s}  "
+                  + (f"(the {r['variant']} measurement)" if v == "auto" else f"{r['steps']} after {r['warmup']}"))
+        auto_r = rows[-1][1]
+        print(f"where the bytes go, reference: {memory_breakdown(ref)}")
+        print(f"where the bytes go, ours auto ({auto_r['variant']}): {memory_breakdown(auto_r)}")
+    auto_rows = [r for r in summary if r["variant"] == "auto"]
+    target = 2.5 if native else 1.0
+    print(f"\ntargets (issue 16): auto speed x >= {target} ({'native bf16' if native else 'no native bf16'}): "
+          + ", ".join(f"{r['pair']} {r['speedup']:.2f}" for r in auto_rows)
+          + "; total peak memory x <= 0.7: " + ", ".join(f"{r['pair']} {r['memory_ratio']:.2f}" for r in auto_rows))
     print(f"{'quick' if args.quick else 'full'} benchmark: {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "matmul_peak_tflops": peak_tflops, "results": summary}, f, indent=1)
+            json.dump({"args": vars(args), "device": device_name(device), "auto": {**choice, "variant": auto},
+                       "matmul_peaks": peaks, "results": summary}, f, indent=1)
 
 
 if __name__ == "__main__":
