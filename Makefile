@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test,detectron2-deps]"
+	$(PY) -m pip install --quiet -e ".[test,detectron2-deps,dali]"
 	$(PY) tools/install_detectron2.py
 	$(PY) -c "import torch, torchvision, timm, fvcore, detectron2, submitit, pycocotools; print('set-up OK: torch', torch.__version__, 'timm', timm.__version__, 'detectron2', detectron2.__version__)"
 

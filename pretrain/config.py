@@ -70,6 +70,8 @@ _C.DATA.NUM_WORKERS = 8  # DataLoader workers per process
 _C.DATA.SKIP_CORRUPT = False  # False: an unreadable image stops the run naming the file; True: skip it and count it
 _C.DATA.MEAN = (0.485, 0.456, 0.406)  # normalisation mean (RGB, 0-1)
 _C.DATA.STD = (0.229, 0.224, 0.225)  # normalisation std (RGB, 0-1)
+_C.DATA.BACKEND = "torchvision"  # torchvision (PIL in DataLoader workers) | dali (NVIDIA DALI, pip install -e .[dali])
+_C.set_choices("DATA.BACKEND", ("torchvision", "dali"))
 
 _C.SOLVER = CN()
 _C.SOLVER.EPOCHS = 200  # training epochs over DATA.TRAIN_DIR
@@ -93,6 +95,7 @@ _C.TRAIN.LOG_PERIOD = 20  # iterations between metrics.jsonl / TensorBoard entri
 _C.TRAIN.STOP_AT_ITER = -1  # stop cleanly (checkpoint written) after this global iteration; -1 = run to the end
 _C.TRAIN.DETERMINISTIC = False  # torch.use_deterministic_algorithms; bitwise-reproducible resume on CPU
 _C.TRAIN.RESUME_CHANGED_CONFIG = False  # resume although keys outside SAFE_ON_RESUME differ from the checkpoint's
+_C.TRAIN.COMPILE = False  # torch.compile the student, teacher and key encoders in place (same losses, other speed)
 
 # True, False or auto (the default): auto is resolved once the device is known (pretrain.precision.resolve_auto:
 # bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16, fp32 elsewhere; channels_last on CPUs and on
@@ -102,9 +105,11 @@ for _key in AUTO_KEYS:
 
 # Keys (or whole nodes) that may differ between a checkpoint's config and the config that resumes it: they change
 # how the run is executed or watched, not what it computes. Any other difference stops the resume (pretrain.cfgdiff).
+# DATA.BACKEND is not one: both backends draw the same crops and augmentation parameters, but their pixels differ
+# slightly (resize and blur implementations, the GPU's JPEG decoder), so switching mid-run changes what is computed.
 SAFE_ON_RESUME = ("OUTPUT_DIR", "DATA.NUM_WORKERS", "DATA.VAL_DIR", "DATA.SKIP_CORRUPT", "TRAIN.LOG_PERIOD",
                   "TRAIN.CHECKPOINT_PERIOD", "TRAIN.MAX_TO_KEEP", "TRAIN.STOP_AT_ITER", "TRAIN.DETERMINISTIC",
-                  "TRAIN.RESUME_CHANGED_CONFIG", "TEST")
+                  "TRAIN.RESUME_CHANGED_CONFIG", "TRAIN.COMPILE", "TEST")
 
 _C.TEST = CN()
 _C.TEST.KNN = CN()
@@ -113,6 +118,8 @@ _C.TEST.KNN.K = 20  # neighbours (DINO: 20)
 _C.TEST.KNN.TEMPERATURE = 0.07  # weight exp(sim / T) of each neighbour (DINO: 0.07)
 _C.TEST.KNN.IMAGE_SIZE = 224  # centre-crop size for the monitor (resize to size / 0.875 first)
 _C.TEST.KNN.MAX_TRAIN_IMAGES = 20000  # feature bank: at most this many training images, class-balanced
+_C.TEST.TEACHER_HEALTH = CN()  # before a fresh distillation run: is the teacher embedding collapsed? (health.py)
+_C.TEST.TEACHER_HEALTH.IMAGES = 256  # training images (class-balanced, eval transform) it is measured on; 0 = no check
 
 
 def get_cfg() -> CfgNode:
@@ -198,6 +205,7 @@ VALUE_RANGES = (
     ("TEST.KNN.TEMPERATURE", "> 0", 0),
     ("TEST.KNN.IMAGE_SIZE", ">= 1", 0),
     ("TEST.KNN.MAX_TRAIN_IMAGES", ">= 0", 0),
+    ("TEST.TEACHER_HEALTH.IMAGES", ">= 0", 0),
 )
 
 

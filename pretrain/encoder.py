@@ -17,8 +17,19 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(images)), dim=1)  # NxC
+    def forward(self, images: torch.Tensor, embed: bool = False, maps: bool = False):
+        """The embedding (NxC, L2-normalised); with ``embed``, :meth:`embed`'s dict. ``embed`` runs through here, so
+        ``nn.Module.compile`` (TRAIN.COMPILE), which compiles ``__call__``, covers every use of the encoder."""
+        if not embed:
+            return F.normalize(self.head(self.backbone(images)), dim=1)  # NxC
+        if maps:
+            features, stage_maps = forward_with_maps(self.backbone, images)
+        else:
+            features, stage_maps = self.backbone(images), None
+        out = {"embedding": F.normalize(self.head(features), dim=1), "features": features}
+        if maps:
+            out["maps"] = stage_maps
+        return out
 
     @property
     def out_dim(self) -> int:
@@ -28,14 +39,7 @@ class Encoder(nn.Module):
     def embed(self, images: torch.Tensor, maps: bool = False) -> Dict[str, object]:
         """``embedding`` (NxC, L2-normalised; equal to ``forward``), ``features`` (NxD pooled backbone output) and,
         with ``maps``, ``maps``: the backbone's per-stage feature maps (``pretrain.backbones.stage_info``)."""
-        if maps:
-            features, stage_maps = forward_with_maps(self.backbone, images)
-        else:
-            features, stage_maps = self.backbone(images), None
-        out = {"embedding": F.normalize(self.head(features), dim=1), "features": features}
-        if maps:
-            out["maps"] = stage_maps
-        return out
+        return self(images, embed=True, maps=maps)
 
 
 def build_encoder(arch: str, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = False) -> Encoder:

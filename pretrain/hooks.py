@@ -1,6 +1,7 @@
 """What the pretraining loop does besides stepping, as hooks (detectron2's ``HookBase`` shape): metrics,
-preemption, periodic checkpoints, the online kNN monitor. The loop calls, in the order the hooks are listed,
-``before_train``, ``after_step`` after every iteration, ``after_epoch`` after every full epoch, ``after_train``."""
+preemption, periodic checkpoints, the online kNN monitor, the teacher health check and the chance-level monitor.
+The loop calls, in the order the hooks are listed, ``before_train``, ``after_step`` after every iteration,
+``after_epoch`` after every full epoch, ``after_train``."""
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as du
+from .health import ChanceLevel, check_teacher, reads_teacher_embedding, record_summary
 from .knn import KnnData, knn_evaluate
 from .preemption import StopRequest
 
@@ -152,3 +154,83 @@ class KnnMonitor(HookBase):
                                 "knn_top5": acc["top5"]})
             self.metrics.writer.add_scalar("knn/top1", acc["top1"], t.iter)
         du.barrier()
+
+
+class TeacherHealthCheck(HookBase):
+    """Once, before the first step of a fresh run (not when resuming) that distils the teacher's projection embedding
+    (some distiller's ``teacher_embedding``), on rank 0: the teacher's embedding health on TEST.TEACHER_HEALTH.IMAGES
+    training images (0 = off; :func:`pretrain.health.check_teacher`), logged in one line, written to metrics.jsonl
+    as one record (``iter`` 0, ``teacher_mean_cosine``, ``teacher_effective_rank``, ``teacher_std``,
+    ``teacher_collapsed``, ...) and, when the embedding is collapsed, a WARNING naming what to do. The run goes on
+    either way; the check draws nothing from the RNGs, so the run is the same with it on or off."""
+
+    def __init__(self, metrics: Optional[MetricsWriter]):
+        self.metrics = metrics
+        self.result: Optional[dict] = None  # check_teacher's record, when the check ran
+
+    def before_train(self) -> None:
+        t = self.trainer
+        model, images = t.model, t.cfg.TEST.TEACHER_HEALTH.IMAGES
+        if images <= 0 or t.iter > 0 or t.rank != 0 or model.teacher is None:
+            return
+        distillers = reads_teacher_embedding(model.distillers)
+        if not distillers:
+            return
+        self.result = check_teacher(t.cfg, model.teacher, t.device, model.teacher_amp_dtype, images, distillers)
+        (logger.warning if self.result["teacher_collapsed"] else logger.info)(self.result["message"])
+        if self.metrics is not None:
+            self.metrics.write({"iter": t.iter, "epoch": 0, **record_summary(self.result)})
+
+
+class ChanceLevelMonitor(HookBase):
+    """The testbed's loss terms that have a chance level (``chance_losses``: MoCo-v2's InfoNCE ``loss_mocov2`` at
+    w * ln(K + 1)) against it, on rank 0: every epoch one log line (the mean of the epoch's logged values and its
+    ratio to chance), and one WARNING, naming what to do, when a term stayed within
+    :data:`pretrain.health.CHANCE_REL_TOL` of chance at every logged step (TRAIN.LOG_PERIOD) for at least an epoch
+    (:class:`pretrain.health.ChanceLevel`): the student then tells its positive key from the queue no better than a
+    uniform guess, typically because its key encoder puts every image in one direction (a collapsed teacher
+    distilled into it, or a collapsed run)."""
+
+    def __init__(self) -> None:
+        self.levels: Dict[str, ChanceLevel] = {}
+        self.epoch_values: Dict[str, list] = {}
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.rank != 0:
+            return
+        chance = {}
+        for part in t.model.parts():
+            chance.update(part.chance_losses())
+        self.levels = {k: ChanceLevel(v, t.iters_per_epoch) for k, v in chance.items()}
+        self.epoch_values = {k: [] for k in chance}
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if not self.levels or (t.iter % t.cfg.TRAIN.LOG_PERIOD and t.iter != t.max_iter):
+            return
+        for key, level in self.levels.items():
+            if key not in t.losses:
+                continue
+            value = float(t.losses[key])  # this process's value, at logged steps only (no extra synchronisation)
+            self.epoch_values[key].append(value)
+            if level.update(t.iter, value):
+                logger.warning(
+                    "%s has been at its chance level %.4f (the InfoNCE of a uniform guess among the K + 1 keys, "
+                    "ln(K + 1), times its weight) within %g %% at every logged step since iteration %d (now %d, %.4f): the student "
+                    "tells its positive key from the queue no better than chance, typically because its key "
+                    "encoder maps every image to one direction (see the queue: its entries barely differ). If the "
+                    "run distils a teacher, check the teacher's embedding (the teacher health line at the start of "
+                    "this log, or tools/teacher_health.py): distilling a collapsed one causes this; then train the "
+                    "teacher differently, distil another layer or lower the distillation weight. Without a teacher "
+                    "the student collapsed on its own: try a lower SOLVER.BASE_LR.", key, level.chance,
+                    100 * level.rel_tol, level.first, t.iter, value)
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        for key, values in self.epoch_values.items():
+            if values:
+                mean, chance = sum(values) / len(values), self.levels[key].chance
+                logger.info("epoch %d: %s %.4f, %.3f x its chance level %.4f (ln(K + 1) x weight)",
+                            t.iter // t.iters_per_epoch, key, mean, mean / chance, chance)
+            values.clear()

@@ -96,6 +96,12 @@ class MethodPart(nn.Module):
     def after_step(self, student: nn.Module, targets: Targets) -> None:
         """After the optimizer step (e.g. enqueue keys)."""
 
+    def chance_losses(self) -> Dict[str, float]:
+        """``{"loss_<name>": value}`` for terms with a chance level: the value a term takes (as :meth:`losses`
+        returns it, weighted) when the student's outputs carry no information, e.g. InfoNCE over K + 1 keys at
+        weight w: w * ln(K + 1). The pretrainer warns when a term stays there (:mod:`pretrain.health`)."""
+        return {}
+
 
 class Testbed(MethodPart):
     """The student's own self-supervised objective (MoCo-v2, SwAV, DINO, or none)."""
@@ -116,6 +122,9 @@ class Distiller(MethodPart):
     # teacher views (as student_views) and outputs this distiller reads; the teacher runs once for all distillers
     teacher_views: Tuple[int, ...] = ()
     teacher_maps: bool = False
+    # whether this distiller's targets are the teacher's projection embedding (``teacher[v]["embedding"]``): the
+    # pretrainer then checks that embedding for collapse before distilling (pretrain.health, TEST.TEACHER_HEALTH)
+    teacher_embedding: bool = False
 
     @classmethod
     def from_config(cls, cfg, student: nn.Module, teacher: nn.Module) -> "Distiller":

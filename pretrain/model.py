@@ -83,6 +83,21 @@ class Method(nn.Module):
         """The encoder exported at the end and evaluated by the kNN monitor."""
         return self.testbed.exported(self.student)
 
+    def compile_encoders(self) -> List[str]:
+        """TRAIN.COMPILE: compile every encoder a step runs, in place (``nn.Module.compile``: no wrapper, so the
+        state-dict keys, checkpoints, exports and resumes are those of an uncompiled run): the student, the frozen
+        teacher and any encoder of the parts (MoCo-v2's and CompRess's momentum key encoders). An encoder's whole
+        ``embed`` (backbone, feature maps, head, normalisation) goes through its ``__call__``, so it is what compiles,
+        once per input shape, train / eval mode and autocast state (``dynamic=False``); the losses, momentum updates
+        and queues stay eager. The kNN monitor calls the student's backbone directly: eager. Returns the names of
+        the modules compiled (e.g. ``["student", "teacher", "testbed.encoder_k"]``)."""
+        names = []
+        for name, module in self.named_modules():
+            if isinstance(module, Encoder):
+                module.compile(dynamic=False)
+                names.append(name)
+        return names
+
     # ------------------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, maps: bool = False) -> Dict[str, object]:
         """The student on one view (gradients flow): ``embedding`` (E_s, NxC), ``features``, [``maps``]."""

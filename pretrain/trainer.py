@@ -13,17 +13,17 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from . import distributed as du
 from .cfgdiff import check_resume, record_changes
 from .cfgnode import CfgNode, save_cfg
 from .checkpoint import Checkpointer, remove_orphaned_temp_files
 from .config import OLD_METHODS, SAFE_ON_RESUME
-from .data import ImageFolder, MultiViewDataset, ResumableSampler, moco_v2_transform
+from .data import build_train_loader
 from .engine import train_step
 from .export import export_student
-from .hooks import HookBase, KnnMonitor, MetricsWriter, PeriodicCheckpointer, PreemptionHook
+from .hooks import (ChanceLevelMonitor, HookBase, KnnMonitor, MetricsWriter, PeriodicCheckpointer, PreemptionHook,
+                    TeacherHealthCheck)
 from .knn import KnnData
 from .model import Method, build_method
 from .precision import amp_dtype, resolve_cfg
@@ -82,25 +82,18 @@ class Trainer:
             raise ValueError("TRAIN.AMP.DTYPE float16 needs a GPU; use bfloat16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
-        base = ImageFolder(cfg.DATA.TRAIN_DIR)
-        total_batch = cfg.SOLVER.IMS_PER_BATCH
-        self.sampler = ResumableSampler(len(base), total_batch, self.rank, self.world, cfg.SEED)
-        d = cfg.DATA
-        transform = moco_v2_transform(d.IMAGE_SIZE, d.CROP_SCALE, d.BLUR_SIGMA, d.MEAN, d.STD, d.COLOR_JITTER,
-                                      d.GRAYSCALE_P)
-        dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT, sampler=self.sampler)
-        self.loader = DataLoader(dataset, batch_size=self.sampler.local_batch, sampler=self.sampler, drop_last=True,
-                                 num_workers=d.NUM_WORKERS, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=d.NUM_WORKERS > 0,
-                                 # its own generator: creating an iterator must not draw from the global RNG, whose
-                                 # state the checkpoint restores (augmentations are seeded per sample anyway)
-                                 generator=torch.Generator().manual_seed(cfg.SEED))
+        total_batch, d = cfg.SOLVER.IMS_PER_BATCH, cfg.DATA
+        # DATA.BACKEND's loader (a DataLoader for torchvision) and the run's ResumableSampler
+        self.loader, self.sampler, num_images = build_train_loader(cfg, self.rank, self.world, self.device)
         self.iters_per_epoch = self.sampler.iters_per_epoch
         self.max_iter = self.iters_per_epoch * cfg.SOLVER.EPOCHS
 
         self.model: Method = build_method(cfg).to(self.device)
         if cfg.MODEL.CHANNELS_LAST:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.TRAIN.COMPILE:  # in place, after the layout (compiled for it), inside DDP
+            logger.info("TRAIN.COMPILE: torch.compile of %s (in place: the state-dict keys do not change); the first "
+                        "steps compile", ", ".join(self.model.compile_encoders()))
         self.model_ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type ==
                                                   "cuda" else None) if self.world > 1 else self.model)
         self.base_lr = lr = cfg.SOLVER.BASE_LR * total_batch / cfg.SOLVER.REFERENCE_BATCH
@@ -125,13 +118,14 @@ class Trainer:
                            d.MEAN, d.STD)
             self.knn = KnnMonitor(data, cfg.TEST.KNN.PERIOD, metrics)
             self.hooks.append(self.knn)
+        self.hooks += [TeacherHealthCheck(metrics), ChanceLevelMonitor()]  # pretrain.health: collapse warnings
         for hook in self.hooks:
             hook.trainer = self
         amp = (cfg.TRAIN.AMP.DTYPE if self.amp_dtype else "off") + (
             f" (teacher {cfg.TRAIN.AMP.DTYPE})" if cfg.TRAIN.AMP.TEACHER else "")
         logger.info("%s: %s student%s, %d images, %d processes x %d, %d iters/epoch, %d epochs, lr %.4g, AMP %s",
                     self.model.description, cfg.MODEL.STUDENT.ARCH, f" <- {cfg.MODEL.TEACHER.ARCH} teacher"
-                    if self.model.teacher is not None else "", len(base), self.world, self.sampler.local_batch,
+                    if self.model.teacher is not None else "", num_images, self.world, self.sampler.local_batch,
                     self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, amp)
 
     def lr_factor(self, it: int) -> float:
@@ -330,4 +324,6 @@ def _current_form(saved: str) -> str:
     cfg = CfgNode.load_cfg(saved)
     if isinstance(cfg.get("METHOD"), str):
         cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[cfg.METHOD]})
+    if isinstance(cfg.get("DATA"), dict) and "BACKEND" not in cfg.DATA:
+        cfg.DATA.BACKEND = "torchvision"  # written before DATA.BACKEND existed: the torchvision path ran
     return cfg.dump()

@@ -21,6 +21,7 @@ TOOL = runpy.run_path(SCRIPT)  # its functions, main() not run
 def test_cli_end_to_end_prints_the_table_and_the_verdict(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, SCRIPT, "--jpeg-sizes", "40x30", "30x40", "--image-size", "32", "--workers", "0", "1",
+           "--backends", "torchvision",  # the default adds dali where it imports (tests/test_data_dali.py times it)
            "--batch", "4", "--batches", "2", "--warmup", "1", "--step-images-per-s", "1000000",
            "--jpeg-dir", str(tmp_path / "jpegs"), "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

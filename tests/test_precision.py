@@ -2,7 +2,6 @@
 to, the Trainer's resolved config.yaml and resumes, and the benchmark's peak / MFU formatting."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -272,9 +271,26 @@ def test_bench_auto_variant_and_memory_breakdown(bench):
     assert bench.auto_variant({"amp": True, "teacher_amp": True, "channels_last": True}) == "ours-bf16-cl"
     assert bench.auto_variant({"amp": False, "teacher_amp": False, "channels_last": True}) == "ours-fp32-cl"
     assert bench.auto_variant(precision.resolve_auto("cpu")) in bench.VARIANTS
-    r = {"peak_gib": 2.0, "base_gib": 0.5, "parts_gib": {"student": 0.25, "queue": 0.25}}
-    assert bench.memory_breakdown(r) == ("2.00 GiB = libraries (torch, timm; before any model) 0.500 + student 0.250 "
-                                         "+ queue 0.250 + activations, workspaces, allocator caches (the rest) 1.000")
+    r = {"peak_gib": 2.0, "base_gib": 0.5, "tensors_peak_gib": 1.25, "parts_gib": {"student": 0.25, "queue": 0.25}}
+    text = bench.memory_breakdown(r)
+    assert text.startswith("2.00 GiB = libraries (torch, torchvision, timm; before any model) 0.500 + student 0.250 "
+                           "+ queue 0.250 + the step's transient tensors at their peak")
+    assert text.endswith(" 0.750 + allocator caches, library workspaces (the rest of the peak RSS) 0.250")
+    gpu = {"peak_gib": 1.25, "base_gib": 0.0, "tensors_peak_gib": 1.25, "parts_gib": {"student": 0.25}}
+    assert bench.memory_breakdown(gpu).endswith(" 1.000") and "allocator" not in bench.memory_breakdown(gpu)
+
+
+def test_bench_step_tensor_peak_counts_the_step_s_tensors(bench):
+    """The profiler-based peak sees a step's transient tensors: 4 MiB held at once, freed by the step's end."""
+    def step(x):
+        a = torch.empty(2 ** 20)  # 4 MiB
+        b = torch.empty(2 ** 19)  # 2 MiB, alive with a
+        del a, b
+        c = torch.empty(2 ** 19)  # 2 MiB, after a and b are freed
+        return c.sum()
+
+    peak = bench.step_tensor_peak(step, [torch.zeros(1)])
+    assert 6 * 2 ** 20 <= peak < 7 * 2 ** 20
 
 
 def test_bench_matmul_peak_of_an_emulated_dtype_is_unusable(bench, monkeypatch):

@@ -44,8 +44,9 @@ EXCUSED = {
     "make bench": ("the full benchmark, minutes of CPU by design; the README's `tools/bench_distill.py --quick` "
                    "runs here (toy sizes) through the same code", [("Makefile", "tools/bench_distill.py")]),
     'pip install -e ".[test,detectron2-deps]"': (
-        "installs this project into the environment; `make setup` runs the same install (CI)",
-        [("Makefile", 'pip install --quiet -e ".[test,detectron2-deps]"')]),
+        "installs this project into the environment; `make setup` runs the same install (CI), with the optional "
+        "DALI data backend added",
+        [("Makefile", 'pip install --quiet -e ".[test,detectron2-deps,dali]"')]),
     "pip install --no-deps --python-version 3.10 --target TMP": (
         "describes what tools/install_detectron2.py does (TMP is its temporary folder), not a command to type",
         [("tools/install_detectron2.py", '"--python-version", "3.10"')]),

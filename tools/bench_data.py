@@ -29,8 +29,11 @@ and MODEL.CHANNELS_LAST, ``auto`` resolved by pretrain.precision.resolve_cfg as 
 (default the config's MODEL.TEACHER.ARCH:MODEL.STUDENT.ARCH) at the same batch and image size; or
 ``--step-images-per-s`` from an earlier benchmark. The verdict says which one bounds training.
 
-Backends: ``torchvision`` (PIL decoding and augmentation in DataLoader workers, what training runs today). The
-backend is a column of the table so that another data backend (e.g. DALI) adds rows.
+Backends (``--backends``, DATA.BACKEND; default both when NVIDIA DALI imports, else torchvision): ``torchvision``
+(PIL decoding and augmentation in DataLoader workers) and ``dali`` (pretrain.data_dali: the same samples and
+augmentation parameters, the pixel work in DALI, on the GPU with ``--device cuda``, else on the CPU). For DALI the
+workers column is its threads (DATA.NUM_WORKERS, at least one: 0 and 1 are the same), which run in the benchmark's
+process beside the Python side of the loader (file reads, parameter draws). The backend is a column of the table.
 """
 import argparse
 import importlib.util
@@ -173,9 +176,12 @@ def describe_images(train_dir: str, limit: int = 200) -> dict:
 # The loader, as the Trainer builds it
 # ------------------------------------------------------------------------------------------------------------------
 
-def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
-    """The training loader of ``Trainer._build`` (pretrain/trainer.py), same functions, same arguments; returns
-    ``(loader, sampler)``. Keep in step with the Trainer: tests/test_bench_data.py compares their batches."""
+def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                             device: Optional[torch.device] = None):
+    """The training loader of ``Trainer._build`` (pretrain/trainer.py, pretrain.data.build_train_loader) for
+    DATA.BACKEND torchvision, same functions, same arguments; returns ``(loader, sampler)`` (``device`` unused: the
+    DataLoader yields CPU tensors, pinned with ``pin_memory``). Keep in step with the Trainer:
+    tests/test_bench_data.py compares their batches."""
     base = ImageFolder(cfg.DATA.TRAIN_DIR)
     sampler = ResumableSampler(len(base), cfg.SOLVER.IMS_PER_BATCH, rank, world, cfg.SEED)
     d = cfg.DATA
@@ -188,7 +194,26 @@ def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: boo
     return loader, sampler
 
 
-BACKENDS = {"torchvision": build_torchvision_loader}  # a future DATA.BACKEND (e.g. dali) adds its builder here
+def build_dali_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                      device: Optional[torch.device] = None):
+    """The Trainer's loader for DATA.BACKEND dali (pretrain.data.build_train_loader): DALI on ``device`` (the GPU
+    for a CUDA device, else the CPU), DATA.NUM_WORKERS threads. Returns ``(loader, sampler)``."""
+    from pretrain.data import build_train_loader
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATA.BACKEND = "dali"
+    cfg.freeze()
+    loader, sampler, _ = build_train_loader(cfg, rank, world, device or torch.device("cpu"))
+    return loader, sampler
+
+
+BACKENDS = {"torchvision": build_torchvision_loader, "dali": build_dali_loader}  # DATA.BACKEND -> its builder
+
+
+def default_backends() -> List[str]:
+    """Both backends when NVIDIA DALI imports, else torchvision."""
+    from pretrain.data_dali import dali_available
+    return ["torchvision", "dali"] if dali_available() else ["torchvision"]
 
 
 def time_loader(loader, sampler: ResumableSampler, warmup_batches: int, timed_batches: int) -> Tuple[int, float]:
@@ -339,8 +364,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         f"batch {QUICK['batch']}, {QUICK['batches']} timed batches, step queue {QUICK['queue']}")
     p.add_argument("--config-file", default=DEFAULT_CONFIG,
                    help="the training config whose DATA.* the loader uses (default: DisCo R-50 -> R-18)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts (0 1 2)")
-    p.add_argument("--backends", nargs="+", default=["torchvision"], choices=sorted(BACKENDS))
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                   help="DataLoader worker counts (0 1 2); for dali its threads")
+    p.add_argument("--backends", nargs="+", default=None, choices=sorted(BACKENDS),
+                   help="data backends (DATA.BACKEND) to time (default: torchvision and dali when DALI imports, "
+                        "else torchvision); the workers of dali are its threads")
     p.add_argument("--image-size", type=int, default=None, help="DATA.IMAGE_SIZE (default: the config's, 224)")
     p.add_argument("--batch", type=int, default=None, help=f"per-process batch (default {FULL['batch']})")
     p.add_argument("--batches", type=int, default=None,
@@ -363,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (e.g. DATA.CROP_SCALE)")
     args = p.parse_args(argv)
+    if args.backends is None:
+        args.backends = default_backends()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -407,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for w in args.workers:
             warm, timed = plans[w]
             cfg_w = bench_cfg(args.config_file, train_dir, args.batch, args.image_size, w, args.opts)
-            loader, sampler = BACKENDS[backend](cfg_w, pin_memory=device.type == "cuda")
+            loader, sampler = BACKENDS[backend](cfg_w, pin_memory=device.type == "cuda", device=device)
             n, dt = time_loader(loader, sampler, warm, timed)
             del loader
             rows.append({"backend": backend, "workers": w, "batch": args.batch, "image_size": image_size,

@@ -7,7 +7,10 @@
 
 Each (variant, teacher, student) runs in its own subprocess, so peak memory (CPU: peak RSS of the process, the
 imported libraries included; GPU: peak allocated) is measured cleanly; all variants run in this one invocation on
-the same machine and every ratio is to the reference measured in that run.
+the same machine and every ratio is to the reference measured in that run. On the CPU the table also shows the peak
+of the tensors alive at once ("tensors": what a GPU's peak allocated counts, from torch.profiler's allocation events
+during one more, untimed step), and the breakdown of each peak separates the libraries, the model and its state,
+the step's transient tensors and what the allocator keeps.
 
 reference      the official DisCo-pytorch step: fp32, teacher BN in train mode, one teacher forward per view, an
                unused second teacher copy held in memory, sum-reduced MSE.
@@ -17,6 +20,9 @@ ours-*         pretrain.engine.train_step on pretrain.model.Method (mocov2 + dis
                ``-cl``: the channels_last layout.
 auto           what the config default (TRAIN.AMP.ENABLED / TEACHER and MODEL.CHANNELS_LAST ``auto``) picks on this
                device, by pretrain.precision.resolve_auto: one of the ours-* variants, whose measurement it shows.
+auto + compile ``--compile`` only: the auto variant with TRAIN.COMPILE (pretrain.model.Method.compile_encoders:
+               torch.compile of the student, the teacher and the key encoder, in place). Its warm-up steps (at least
+               one) compile and are not timed; the first one's duration is printed as the compile time.
 
 MFU: the step's FLOPs (fvcore's counts) per second against the matmul peak measured here for the dtype the variant
 computes in (fp32, or bf16). A peak that rounds to 0.00 TFLOP/s or a dtype the device only emulates (bf16 on a CPU
@@ -131,8 +137,10 @@ def reference_step_fn(teacher_arch, student_arch, queue_size, device):
     return step, parts
 
 
-def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, teacher_bf16, channels_last):
-    """(step(view1, view2), {part: bytes}) of pretrain.engine.train_step on the DisCo Method."""
+def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, teacher_bf16, channels_last,
+                 compile=False):
+    """(step(view1, view2), {part: bytes}) of pretrain.engine.train_step on the DisCo Method; ``compile``: with
+    TRAIN.COMPILE's Method.compile_encoders (the first step compiles)."""
     from pretrain.distillers.disco import DisCo
     from pretrain.encoder import build_encoder
     from pretrain.engine import train_step
@@ -145,6 +153,8 @@ def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, t
                    teacher_amp_dtype=torch.bfloat16 if teacher_bf16 else None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile_encoders()
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
 
     def step(im_q, im_k):
@@ -173,12 +183,16 @@ def measure(args) -> dict:
         step, parts = reference_step_fn(teacher, student, args.queue, device)
     else:
         s_bf16, t_bf16, cl, _ = VARIANTS[args.variant]
-        step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl)
+        step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl, args.compile)
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
     parts["input views"] = 2 * _nbytes(views[0])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
+    first_s = None  # the first warm-up step: with --compile, the compilation
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
         step(*views)
+        sync()
+        first_s = time.perf_counter() - t0 if i == 0 else first_s
     sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -186,13 +200,34 @@ def measure(args) -> dict:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / GIB
+        peak = tensors_peak = torch.cuda.max_memory_allocated() / GIB
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+        # one more (untimed) step under the profiler: the peak of the tensors alive, as a GPU's peak allocated
+        tensors_peak = (sum(parts.values()) + step_tensor_peak(step, views)) / GIB
     return {"variant": args.variant, "pair": args.pair, "s_per_step": dt, "images_per_s": args.batch / dt,
             "steps": args.steps, "warmup": args.warmup, "peak_gib": peak, "base_gib": base_gib,
-            "parts_gib": {k: v / GIB for k, v in parts.items()}, "loss": float(loss),
-            "threads": torch.get_num_threads()}
+            "tensors_peak_gib": tensors_peak, "parts_gib": {k: v / GIB for k, v in parts.items()},
+            "loss": float(loss), "threads": torch.get_num_threads(), "compile": bool(args.compile),
+            "first_step_s": first_s}
+
+
+def step_tensor_peak(step, views) -> int:
+    """The most bytes of CPU tensors alive at once during one ``step``, beyond those alive before it (the model,
+    optimizer state, queue, views and the previous step's gradients): torch.profiler's allocation and free events,
+    summed in time order. It is what ``torch.cuda.max_memory_allocated`` measures on a GPU, free of the allocator's
+    caching and of the process's other memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(*views)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def _rss_gib() -> float:
@@ -272,11 +307,16 @@ def step_flops(pair: str, batch: int, size: int) -> float:
 
 
 def memory_breakdown(r: dict) -> str:
-    """``3.10 GiB = libraries 0.70 + student 0.05 + ... + activations and the rest 1.60`` for one measurement."""
-    parts = ([("libraries (torch, timm; before any model)", r["base_gib"])] if r["base_gib"] else [])
+    """``1.44 GiB = libraries 0.69 + student 0.05 + ... + the step's transient tensors 0.23 + allocator caches and
+    workspaces 0.19`` for one measurement (GPU: the peak allocated, the parts and the step's transient tensors)."""
+    parts = ([("libraries (torch, torchvision, timm; before any model)", r["base_gib"])] if r["base_gib"] else [])
     parts += list(r["parts_gib"].items())
-    rest = r["peak_gib"] - sum(v for _, v in parts)
-    parts.append(("activations, workspaces, allocator caches (the rest)", rest))
+    tensors = r.get("tensors_peak_gib", r["peak_gib"])
+    parts.append(("the step's transient tensors at their peak (activations kept for backward, new gradients, "
+                  "teacher / key outputs)", tensors - sum(r["parts_gib"].values())))
+    if r["peak_gib"] != tensors:
+        parts.append(("allocator caches, library workspaces (the rest of the peak RSS)",
+                      r["peak_gib"] - sum(v for _, v in parts)))
     return f"{r['peak_gib']:.2f} GiB = " + " + ".join(f"{name} {v:.3f}" for name, v in parts)
 
 
@@ -310,6 +350,9 @@ def main():
                    help="leave out the channels_last variants")
     p.add_argument("--skip-emulated", action="store_true",
                    help="leave out the bf16 variants where the device only emulates bf16")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure the auto variant with TRAIN.COMPILE (torch.compile), as 'auto + compile'; its "
+                        "warm-up steps (at least one) compile, untimed")
     p.add_argument("--json", default="", help="also write the results to this file")
     # internal: one measurement in a subprocess
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -343,26 +386,29 @@ def main():
 
     results = []
     for pair in args.pairs:
-        for variant in variants:
+        for variant, compiled in [(v, False) for v in variants] + ([(auto, True)] if args.compile else []):
             slow = (VARIANTS[variant][0] or VARIANTS[variant][1]) and not native
-            steps, warmup = (1, 0) if slow else (args.steps, args.warmup)
+            steps, warmup = (1, 0) if slow and not compiled else (args.steps, args.warmup)
+            warmup = max(1, warmup) if compiled else warmup  # the compilation is never timed
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--pair", pair,
                    "--image-size", str(args.image_size), "--batch", str(args.batch), "--queue", str(args.queue),
                    "--steps", str(max(1, steps)), "--warmup", str(warmup), "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd + (["--compile"] if compiled else []), capture_output=True, text=True)
+            name = variant + ("+compile" if compiled else "")
             if proc.returncode != 0:
-                sys.exit(f"{variant} {pair} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                sys.exit(f"{name} {pair} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"  {pair:28s} {variant:13s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB",
-                  flush=True)
+            print(f"  {pair:28s} {name:13s} {r['images_per_s']:8.1f} img/s  peak {r['peak_gib']:.2f} GiB"
+                  + (f"  (first step, compiling: {r['first_step_s']:.1f} s)" if compiled else ""), flush=True)
 
     peaks = {"fp32": matmul_peak(device, torch.float32, args.quick)}
     if any(VARIANTS[v][0] or VARIANTS[v][1] for v in variants):
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.quick)
     print(f"\nmatmul peak measured here: {'; '.join(format_peak(pk) for pk in peaks.values())}")
-    memory_what = ("peak RSS of the process, the imported libraries included" if device.type == "cpu" else
-                   "peak allocated by torch")
+    memory_what = ("peak GiB: peak RSS of the process, the imported libraries included; tensors: the most bytes of "
+                   "tensors alive at once (the model, its state and the step's tensors, by torch.profiler; a GPU's "
+                   "peak allocated)" if device.type == "cpu" else "peak allocated by torch (peak GiB = tensors)")
     print(f"memory: {memory_what}; x ref: ratios to the reference of this run; MFU against the peak of the variant's "
           f"dtype")
     summary = []
@@ -370,23 +416,29 @@ def main():
         flops = step_flops(pair, args.batch, args.image_size)
         ref = next(r for r in results if r["pair"] == pair and r["variant"] == "reference")
         print(f"\n{pair.replace(':', ' -> ')}")
-        print(f"{'variant':38s} {'img/s':>7s} {'x ref':>6s} {'peak GiB':>9s} {'x ref':>6s} {'TFLOP/s':>8s} "
-              f"{'MFU':>5s}  steps")
-        rows = [(v, next(r for r in results if r["pair"] == pair and r["variant"] == v)) for v in variants]
+        print(f"{'variant':38s} {'img/s':>7s} {'x ref':>6s} {'peak GiB':>9s} {'x ref':>6s} {'tensors':>8s} "
+              f"{'x ref':>6s} {'TFLOP/s':>8s} {'MFU':>5s}  steps")
+        rows = [(v, next(r for r in results if r["pair"] == pair and r["variant"] == v and not r["compile"]))
+                for v in variants]
         rows.append(("auto", rows[[v for v, _ in rows].index(auto)][1]))
-        for v, r in rows:
+        compiled = [("auto+compile", r) for r in results if r["pair"] == pair and r["compile"]]
+        for v, r in rows + compiled:
             tflops = flops / r["s_per_step"] / 1e12
             dtype = "bf16" if VARIANTS[r["variant"]][0] else "fp32"
             fraction = mfu(tflops, peaks.get(dtype))
             row = {"pair": pair, "variant": v, "measured": r["variant"], "images_per_s": r["images_per_s"],
                    "speedup": r["images_per_s"] / ref["images_per_s"], "peak_gib": r["peak_gib"],
-                   "memory_ratio": r["peak_gib"] / ref["peak_gib"], "tflops": tflops, "mfu": fraction,
+                   "memory_ratio": r["peak_gib"] / ref["peak_gib"], "tensors_peak_gib": r["tensors_peak_gib"],
+                   "tensors_ratio": r["tensors_peak_gib"] / ref["tensors_peak_gib"], "tflops": tflops, "mfu": fraction,
                    "steps": r["steps"], "measurement": r}
             summary.append(row)
-            label = VARIANTS[v][3] if v != "auto" else f"auto = {VARIANTS[r['variant']][3][len('ours '):]}"
+            label = (VARIANTS[v][3] if v in VARIANTS else f"{v.replace('+', ' + ')} = "
+                     f"{VARIANTS[r['variant']][3][len('ours '):]}")
             print(f"{label:38s} {r['images_per_s']:7.1f} {row['speedup']:6.2f} {r['peak_gib']:9.2f} "
-                  f"{row['memory_ratio']:6.2f} {tflops:8.3f} {format_mfu(fraction):>5s}  "
-                  + (f"(the {r['variant']} measurement)" if v == "auto" else f"{r['steps']} after {r['warmup']}"))
+                  f"{row['memory_ratio']:6.2f} {r['tensors_peak_gib']:8.2f} {row['tensors_ratio']:6.2f} "
+                  f"{tflops:8.3f} {format_mfu(fraction):>5s}  "
+                  + (f"(the {r['variant']} measurement)" if v == "auto" else f"{r['steps']} after {r['warmup']}")
+                  + (f" (compile: first step {r['first_step_s']:.1f} s)" if r["compile"] else ""))
         auto_r = rows[-1][1]
         print(f"where the bytes go, reference: {memory_breakdown(ref)}")
         print(f"where the bytes go, ours auto ({auto_r['variant']}): {memory_breakdown(auto_r)}")
@@ -394,7 +446,9 @@ def main():
     target = 2.5 if native else 1.0
     print(f"\ntargets (issue 16): auto speed x >= {target} ({'native bf16' if native else 'no native bf16'}): "
           + ", ".join(f"{r['pair']} {r['speedup']:.2f}" for r in auto_rows)
-          + "; total peak memory x <= 0.7: " + ", ".join(f"{r['pair']} {r['memory_ratio']:.2f}" for r in auto_rows))
+          + "; total peak memory x <= 0.7: " + ", ".join(f"{r['pair']} {r['memory_ratio']:.2f}" for r in auto_rows)
+          + (" (peak tensors: " + ", ".join(f"{r['pair']} {r['tensors_ratio']:.2f}" for r in auto_rows) + ")"
+             if device.type == "cpu" else ""))
     print(f"{'quick' if args.quick else 'full'} benchmark: {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -63,6 +63,11 @@ _C.KD.ALPHA = 0.5  # loss = ALPHA * T^2 * KL(teacher || student at TEMPERATURE) 
 _C.KD.TEMPERATURE = 2.0  # T: both softmaxes of the KL term at logits / T (DisCo-pytorch: 2.0)
 _C.KD.REDUCTION = "batchmean"  # KL "batchmean" (Hinton: sum over classes) or "mean" (official code: / classes too)
 
+_C.INFO_PLANE = CN()  # the classifier output's information plane (paper Figure 7; DisCo-pytorch mi_by_binning.py)
+_C.INFO_PLANE.ENABLED = False  # record I(X;T) and I(T;Y) (bits) of the softmax output in metrics.jsonl every epoch
+_C.INFO_PLANE.BINS = 30  # equal-width bins of [0, 1] for each softmax probability (official: 30)
+_C.INFO_PLANE.MAX_IMAGES = 1000  # fixed class-balanced training images the estimate uses (official: 1000; 0 = all)
+
 _C.KNN = CN()
 _C.KNN.K = 20  # neighbours (DINO: 20)
 _C.KNN.TEMPERATURE = 0.07  # each neighbour votes with weight exp(cosine similarity / T) (DINO: 0.07)
@@ -107,6 +112,8 @@ VALUE_RANGES = (
     ("TEST.IMS_PER_BATCH", ">= 1", 0),
     ("KD.ALPHA", "[0, 1]", 0),
     ("KD.TEMPERATURE", "> 0", 0),
+    ("INFO_PLANE.BINS", ">= 2", 0),
+    ("INFO_PLANE.MAX_IMAGES", ">= 0", 0),
     ("KNN.K", ">= 1", 0),
     ("KNN.TEMPERATURE", "> 0", 0),
     ("KNN.MAX_TRAIN_IMAGES", ">= 0", 0),

@@ -33,6 +33,13 @@ checkpointed: it is rebuilt from the config on every (resumed) run. Without KD n
 bit for bit); semi-supervised subsets and CIFAR go through this evaluator and get KD the same way. With KD the
 logged / recorded training loss is the KD loss.
 
+Information plane (``INFO_PLANE.ENABLED``; paper Figure 7): before the first epoch and after every epoch, rank 0 adds
+``mi_xt`` = I(X;T) and ``mi_ty`` = I(T;Y) (bits, with their upper bounds ``mi_xt_max`` = log2 N and ``mi_ty_max`` =
+H(Y)) of the classifier's softmax output on a fixed class-balanced subset of INFO_PLANE.MAX_IMAGES training images
+(evaluation transform) to metrics.jsonl, estimated by binning as the official code (:mod:`transfer.infoplane`; the
+first record, ``epoch`` 0, is the initial classifier). ``tools/plot_curves.py`` draws the paths of several runs.
+The classifier trains exactly as without it.
+
 The toolkit shared with the other evaluators (frozen backbone, datasets, transforms, sampler) is :mod:`transfer.common`.
 """
 import argparse
@@ -55,6 +62,7 @@ from pretrain import distributed as du
 from pretrain.backbones import build_backbone, get_spec
 from pretrain.checkpoint import Checkpointer, load_strict, verify_checkpoint
 from pretrain.formats import read_backbone
+from pretrain.health import balanced_sample
 from pretrain.knn import backbone_features, extract_features
 from pretrain.losses.kd import kd_loss
 from pretrain.runlog import progress_bar
@@ -65,6 +73,7 @@ from pretrain.safeload import load_torch
 from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
                      end_run, freeze, load_backbone, start_run, topk_correct, train_transform)
 from .config import CfgNode, setup_eval_cfg
+from .infoplane import info_plane_record
 
 logger = logging.getLogger("transfer")
 
@@ -199,6 +208,7 @@ class LinearEvaluator:
         self.kd: Optional[dict] = None  # results.json "kd": the teacher and the KD settings; None = plain CE
         self.teacher: Optional[TeacherClassifier] = None  # built when first needed (not for --eval-only)
         self.teacher_cache: Optional[torch.Tensor] = None  # N x classes teacher logits of the train split (cached)
+        self.info_plane: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # INFO_PLANE: (features N x D, labels N)
         if cfg.KD.TEACHER_CLASSIFIER:
             self._setup_kd()
 
@@ -332,6 +342,34 @@ class LinearEvaluator:
                         time.perf_counter() - t_kd)
         self.cache_seconds += time.perf_counter() - t
 
+    def _setup_info_plane(self) -> None:
+        """INFO_PLANE: the frozen features of the estimate's fixed images (:mod:`transfer.infoplane`): a
+        class-balanced subset of at most MAX_IMAGES training images through the evaluation transform, taken from
+        the feature cache when there is one. A collective call with several processes. The global RNG is left as it
+        was: the classifier trains exactly as without INFO_PLANE."""
+        cfg = self.cfg
+        targets = self.train_set.base.targets
+        idx = balanced_sample(targets, cfg.INFO_PLANE.MAX_IMAGES, cfg.SEED)
+        if self.cache is not None and "train" in self.cache:  # cached: no augmentation, the evaluation transform
+            feats = self.cache["train"][torch.tensor(idx, dtype=torch.long)]
+        else:
+            data = torch.utils.data.Subset(TransformedDataset(self.train_set.base, eval_transform_from_cfg(cfg),
+                                                              cfg.SEED), idx)
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
+                feats = extract_features(self.backbone, data, self.device, cfg.TEST.IMS_PER_BATCH,
+                                         cfg.DATA.NUM_WORKERS, self.amp_dtype, cfg.MODEL.CHANNELS_LAST,
+                                         desc="information-plane features")
+        self.info_plane = (feats, torch.as_tensor([targets[i] for i in idx]))
+        logger.info("information plane (INFO_PLANE): I(X;T) and I(T;Y) of the softmax output on %d training images, "
+                    "%d bins per probability, every epoch", len(idx), cfg.INFO_PLANE.BINS)
+
+    @torch.no_grad()
+    def _info_plane_record(self) -> Dict[str, float]:
+        """``mi_xt``, ``mi_ty`` (bits) of the classifier as it is now, and their upper bounds (log2 N, H(Y))."""
+        feats, labels = self.info_plane
+        logits = self.classifier(feats.to(self.device)).float().cpu()
+        return info_plane_record(logits, labels, self.cfg.INFO_PLANE.BINS)
+
     def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """This epoch's (features, labels, teacher logits or None without KD) batches: the sampler's order cut into
         batches of ``local_batch``, from the cache or by running the backbone (and the teacher, on the same
@@ -446,8 +484,12 @@ class LinearEvaluator:
         stop = min(epochs, cfg.SOLVER.STOP_AT_EPOCH) if cfg.SOLVER.STOP_AT_EPOCH >= 0 else epochs
         if cfg.SOLVER.CACHE_FEATURES and self.epoch < stop:
             self._build_cache(("train", "val"))
+        if cfg.INFO_PLANE.ENABLED and self.epoch < stop:
+            self._setup_info_plane()
         metrics = open(os.path.join(cfg.OUTPUT_DIR, "metrics.jsonl"), "a") if self.rank == 0 else None
         try:
+            if self.info_plane is not None and self.epoch == 0 and self.rank == 0:  # the path's start: the init
+                metrics.write(json.dumps({"epoch": 0, **self._info_plane_record()}) + "\n")
             while self.epoch < stop:
                 t = time.perf_counter()
                 rec = self.train_epoch()
@@ -456,14 +498,17 @@ class LinearEvaluator:
                     acc = self.evaluate()
                     rec.update(val_top1=acc["top1"], val_top5=acc["top5"])
                 rec["seconds"] = round(time.perf_counter() - t, 3)
+                if self.info_plane is not None and self.rank == 0:
+                    rec.update(self._info_plane_record())
                 if self.rank == 0:
                     if self.epoch % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or self.epoch == stop:
                         self.checkpointer.save(self.state_dict(), self.epoch)
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 du.barrier()
-                logger.info("epoch %d/%d: lr %.4g loss %.4f train top-1 %.2f%s", self.epoch, epochs, rec["lr"],
+                logger.info("epoch %d/%d: lr %.4g loss %.4f train top-1 %.2f%s%s", self.epoch, epochs, rec["lr"],
                             rec["loss"], rec["train_top1"], f" val top-1 {rec['val_top1']:.2f}" if "val_top1" in rec
+                            else "", f" I(X;T) {rec['mi_xt']:.3f} I(T;Y) {rec['mi_ty']:.3f} bits" if "mi_xt" in rec
                             else "")
         finally:
             if metrics is not None:

@@ -1,9 +1,10 @@
-"""Training curves of pretraining runs from their ``metrics.jsonl`` (what ``pretrain/trainer.py`` writes).
+"""Training curves of pretraining runs from their ``metrics.jsonl`` (what ``pretrain/trainer.py`` writes), and the
+information plane of linear evaluations (paper Figure 7, :func:`plot_info_plane`).
 
 Each line is one JSON object: training records ``{iter, epoch, lr, loss, loss_<term>..., images_per_s,
 skipped_images}`` every ``TRAIN.LOG_PERIOD`` iterations (one ``loss_<term>`` per term of the method: ``loss_mocov2``,
 ``loss_disco``, ...; every one gets a panel), and kNN-monitor records ``{iter, epoch, knn_top1, knn_top5}``. A linear
-evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1]}``) plots too.
+evaluation's ``metrics.jsonl`` (``{epoch, lr, loss, train_top1, [val_top1], [mi_xt, mi_ty]}``) plots too.
 """
 import os
 from typing import Dict, List, Sequence
@@ -18,6 +19,8 @@ PANELS = (
     ("kNN top-1 (%)", "knn_top1", "epoch"),
     ("linear: train top-1 (%)", "train_top1", "epoch"),
     ("linear: val top-1 (%)", "val_top1", "epoch"),
+    ("linear: I(X;T) (bits)", "mi_xt", "epoch"),
+    ("linear: I(T;Y) (bits)", "mi_ty", "epoch"),
 )
 
 
@@ -129,3 +132,79 @@ def labels_for(paths: Sequence[str]) -> List[str]:
         d = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
         out.append(os.path.basename(os.path.normpath(d)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The information plane (paper Figure 7)
+
+
+def info_plane_paths(data: Dict[str, List[dict]]) -> Dict[str, List[tuple]]:
+    """label -> ``[(epoch, I(X;T), I(T;Y), log2 N, H(Y)), ...]`` by epoch, from the ``mi_xt`` / ``mi_ty`` records of
+    a linear evaluation with INFO_PLANE.ENABLED (a later record of the same epoch, from a rerun, replaces an earlier
+    one); runs without such records are left out."""
+    out = {}
+    for label, recs in data.items():
+        by_epoch = {}
+        for r in recs:
+            if r.get("mi_xt") is not None and r.get("mi_ty") is not None:
+                by_epoch[r.get("epoch", 0)] = (r["mi_xt"], r["mi_ty"], r.get("mi_xt_max"), r.get("mi_ty_max"))
+        if by_epoch:
+            out[label] = [(e, *by_epoch[e]) for e in sorted(by_epoch)]
+    return out
+
+
+def info_plane_figure(data: Dict[str, List[dict]]):
+    """The figure of :func:`plot_info_plane` (a ``matplotlib.figure.Figure``): I(X;T) on x, I(T;Y) on y, one path per
+    run (the run's colour, line style and marker of :func:`run_styles`, so it matches the curves), every estimate a
+    marker filled with its epoch's colour (colour bar), the first one (the initial classifier) larger; dotted lines
+    at the upper bounds log2 N and H(Y) when the runs share them."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    paths = info_plane_paths(data)
+    if not paths:
+        raise ValueError(f"no information-plane records (mi_xt, mi_ty) in the runs {list(data)}: run the linear "
+                         f"evaluation with INFO_PLANE.ENABLED True")
+    styles = run_styles(list(data))
+    cmap = matplotlib.colormaps["viridis"]
+    norm = Normalize(0, max(1, max(p[0] for pts in paths.values() for p in pts)))
+    fig = Figure(figsize=(6.6, 4.8))
+    ax = fig.subplots()
+    handles = []
+    for label, pts in paths.items():
+        style = styles[label]
+        epochs, xs, ys = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        handles += ax.plot(xs, ys, color=style["color"], linestyle=style["linestyle"], marker=style["marker"],
+                           markerfacecolor="none", markersize=6, linewidth=1.2, label=label, zorder=2)
+        ax.scatter(xs, ys, c=epochs, cmap=cmap, norm=norm, marker=style["marker"], edgecolors=style["color"],
+                   s=[70 if i == 0 else 30 for i in range(len(pts))], linewidths=0.8, zorder=3)
+    for index, axline, name in ((3, ax.axvline, "log2 N"), (4, ax.axhline, "H(Y)")):
+        bounds = {p[index] for pts in paths.values() for p in pts}
+        if len(bounds) == 1 and None not in bounds:
+            (value,) = bounds
+            axline(value, color="0.5", linestyle=":", linewidth=1)
+            if index == 3:
+                ax.annotate(f"{name} = {value:.2f}", (value, 0), xycoords=("data", "axes fraction"),
+                            xytext=(-3, 3), textcoords="offset points", ha="right", fontsize=7, color="0.4")
+            else:
+                ax.annotate(f"{name} = {value:.2f}", (0, value), xycoords=("axes fraction", "data"),
+                            xytext=(3, -9), textcoords="offset points", fontsize=7, color="0.4")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="epoch (largest marker: before training)")
+    ax.set_xlabel("I(X;T) (bits)")
+    ax.set_ylabel("I(T;Y) (bits)")
+    ax.set_title("information plane of the linear classifier's output", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_info_plane(runs: Dict[str, str], path: str) -> str:
+    """The information-plane paths (:func:`info_plane_figure`) of ``runs`` (label -> a linear evaluation's run dir or
+    metrics.jsonl, in the order that fixes each run's colour) written to the PNG ``path``; returns ``path``."""
+    fig = info_plane_figure({label: read_metrics(p) for label, p in runs.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

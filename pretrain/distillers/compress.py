@@ -43,6 +43,7 @@ class CompRess(Distiller):
         self.queues, self.temperature, self.momentum, self.weight = queues, temperature, momentum, weight
         self.student_features, self.teacher_features = student_features, teacher_features
         self.student_head = student_features == "embedding"  # instance attribute: read by Method
+        self.teacher_embedding = teacher_features == "embedding"  # read by the teacher health check
         self.register_buffer("teacher_queue", compress_queue_init(teacher_dim, queue_size))
         self.register_buffer("teacher_ptr", torch.zeros(1, dtype=torch.long))
         if queues == 2:

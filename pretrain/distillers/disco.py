@@ -13,6 +13,7 @@ class DisCo(Distiller):
     name = "disco"
     student_views = (0, 1)
     teacher_views = (0, 1)
+    teacher_embedding = True
 
     def __init__(self, weight: float = 32.0):
         super().__init__()

@@ -16,6 +16,7 @@ class RKD(Distiller):
     name = "rkd"
     student_views = (0,)
     teacher_views = (0,)
+    teacher_embedding = True
 
     def __init__(self, distance_weight: float = 1.0, angle_weight: float = 1.0):
         super().__init__()

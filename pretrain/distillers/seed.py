@@ -20,6 +20,7 @@ class SEED(Distiller):
     name = "seed"
     student_views = (0,)
     teacher_views = (0,)
+    teacher_embedding = True
 
     def __init__(self, dim: int, queue_size: int = 65536, student_temperature: float = 0.2,
                  teacher_temperature: float = 1e-4, weight: float = 1.0):

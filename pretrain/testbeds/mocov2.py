@@ -1,6 +1,7 @@
 """MoCo-v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder, a queue of keys, shuffle-BN and InfoNCE.
 DisCo's testbed (its L_co) and the recipe of the teachers and baselines."""
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,13 @@ class MoCoV2(Testbed):
     @torch.no_grad()
     def after_step(self, student, targets) -> None:
         self.enqueue(concat_all_gather(targets["k"]))
+
+    def chance_losses(self):
+        """InfoNCE over the positive key and the K queued negatives is ln(K + 1) when all K + 1 logits are equal (a
+        key encoder whose keys all point one way): ``loss_mocov2`` = weight * ln(K + 1) per student view."""
+        if self.weight <= 0:
+            return {}
+        return {"loss_mocov2": self.weight * len(self.student_views) * math.log(self.queue.shape[1] + 1)}
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
