@@ -19,7 +19,7 @@ from .cfgdiff import check_resume, record_changes
 from .cfgnode import CfgNode, save_cfg
 from .checkpoint import Checkpointer, remove_orphaned_temp_files
 from .config import OLD_METHODS, SAFE_ON_RESUME
-from .data import build_train_loader
+from .loader import build_train_loader
 from .engine import train_step
 from .export import export_student
 from .hooks import (ChanceLevelMonitor, HookBase, KnnMonitor, MetricsWriter, PeriodicCheckpointer, PreemptionHook,

@@ -179,7 +179,7 @@ def test_crop_distribution_is_random_resized_crops():
 def test_missing_dali_is_a_config_error_naming_pip(monkeypatch, tmp_path, jpegs):
     from pretrain.cfgnode import ConfigError
     from pretrain.cli import format_user_error
-    from pretrain.data import build_train_loader
+    from pretrain.loader import build_train_loader
     from pretrain.data_dali import dali_available, require_dali
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` raises ImportError

@@ -1,6 +1,7 @@
 """Exports load in timm (issue #11): timm's architectures with plain timm, the demo convnets once pretrain.backbones
 is imported; and what an iteration checkpoint holds, in bytes per part (tools/export.py --describe), against what an
 export writes."""
+import copy
 import os
 import re
 import subprocess
@@ -31,6 +32,9 @@ def _student(arch):
 
 
 def _assert_same_features(model, backbone):
+    """Bitwise the same features: the same weights in the same memory layout (a trained backbone may be channels_last,
+    MODEL.CHANNELS_LAST auto on a CPU, which rounds differently from the contiguous layout timm loads into)."""
+    backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), backbone.eval()(x), rtol=0, atol=0)

@@ -178,7 +178,7 @@ def describe_images(train_dir: str, limit: int = 200) -> dict:
 
 def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
                              device: Optional[torch.device] = None):
-    """The training loader of ``Trainer._build`` (pretrain/trainer.py, pretrain.data.build_train_loader) for
+    """The training loader of ``Trainer._build`` (pretrain/trainer.py, pretrain.loader.build_train_loader) for
     DATA.BACKEND torchvision, same functions, same arguments; returns ``(loader, sampler)`` (``device`` unused: the
     DataLoader yields CPU tensors, pinned with ``pin_memory``). Keep in step with the Trainer:
     tests/test_bench_data.py compares their batches."""
@@ -196,9 +196,9 @@ def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: boo
 
 def build_dali_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
                       device: Optional[torch.device] = None):
-    """The Trainer's loader for DATA.BACKEND dali (pretrain.data.build_train_loader): DALI on ``device`` (the GPU
+    """The Trainer's loader for DATA.BACKEND dali (pretrain.loader.build_train_loader): DALI on ``device`` (the GPU
     for a CUDA device, else the CPU), DATA.NUM_WORKERS threads. Returns ``(loader, sampler)``."""
-    from pretrain.data import build_train_loader
+    from pretrain.loader import build_train_loader
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATA.BACKEND = "dali"
