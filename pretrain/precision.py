@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .cfgnode import cfg_value
+
 AMP_DTYPES = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # the config keys that take True, False or "auto"
@@ -117,25 +119,16 @@ def resolve_cfg(cfg, device):
     """``cfg`` with every ``auto`` of :data:`AUTO_KEYS` replaced by :func:`resolve_auto`'s choice for ``device``
     (a frozen clone; ``cfg`` itself when nothing is ``auto``), the keys that were ``auto`` and one line for the log:
     ``precision: TRAIN.AMP.ENABLED False (auto), ... -- <reason>``."""
-    choice = resolve_auto(device, cfg.TRAIN.AMP.DTYPE)
-    auto = [k for k in AUTO_KEYS if _get(cfg, k) == "auto"]
-    if auto:
+    auto = [k for k in AUTO_KEYS if cfg_value(cfg, k) == "auto"]
+    if auto:  # the device is looked at only when something is left to it (build_method re-checks resolved configs)
+        choice = resolve_auto(device, cfg.TRAIN.AMP.DTYPE)
         cfg = cfg.clone()
         cfg.defrost()
         for key in auto:
-            *parents, leaf = key.split(".")
-            node = cfg
-            for part in parents:
-                node = node[part]
-            node[leaf] = bool(choice[_RESOLVED_NAME[key]])
+            parent, leaf = key.rsplit(".", 1)
+            cfg_value(cfg, parent)[leaf] = bool(choice[_RESOLVED_NAME[key]])
         cfg.freeze()
-    values = ", ".join(f"{k} {_get(cfg, k)} ({'auto' if k in auto else 'set'})" for k in AUTO_KEYS)
+    values = ", ".join(f"{k} {cfg_value(cfg, k)} ({'auto' if k in auto else 'set'})" for k in AUTO_KEYS)
     dtype = cfg.TRAIN.AMP.DTYPE if (cfg.TRAIN.AMP.ENABLED or cfg.TRAIN.AMP.TEACHER) else "none"
     line = f"precision: {values}, autocast dtype {dtype}" + (f"; auto because {choice['reason']}" if auto else "")
     return cfg, auto, line
-
-
-def _get(cfg, key: str):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg

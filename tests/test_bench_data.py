@@ -73,7 +73,7 @@ def test_loader_yields_the_trainers_batches(tmp_path, imagefolder):
     trainer = Trainer(cfg)
     trainer.setup()
     try:
-        loader, sampler = TOOL["build_torchvision_loader"](cfg, pin_memory=trainer.device.type == "cuda")
+        loader, sampler = TOOL["build_loader"](cfg, "torchvision", trainer.device)
         ref = trainer.loader
         for attr in ("batch_size", "num_workers", "pin_memory", "persistent_workers", "drop_last"):
             assert getattr(loader, attr) == getattr(ref, attr), attr

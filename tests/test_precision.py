@@ -110,30 +110,20 @@ def test_resolve_auto_on_this_cpu_follows_onednn_and_says_why():
         assert "no native bf16" in choice["reason"] and "emulated" in choice["reason"]
 
 
-def test_a_cpu_without_native_bf16_gets_fp32_and_channels_last(monkeypatch):
-    """channels_last pays on CPUs without bf16 too: 1.1-1.45x the contiguous fp32 step on this project's AVX2 CPU."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+@pytest.mark.parametrize("bf16, onednn, expected, fragments, suffix", [
+    # channels_last pays on CPUs without bf16 too: 1.1-1.45x the contiguous fp32 step on this project's AVX2 CPU
+    (False, True, (False, False, True), ("has no native bf16", "so fp32; channels_last"), None),
+    (False, False, (False, False, False), (), "; contiguous layout"),
+    (True, True, (True, True, True), ("runs bf16 natively",), None),
+], ids=["no-bf16", "no-onednn", "native-bf16"])
+def test_auto_on_a_cpu_follows_its_bf16_and_onednn(monkeypatch, bf16, onednn, expected, fragments, suffix):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
+    assert precision.native_bf16(torch.device("cpu")) is bf16
     choice = precision.resolve_auto(torch.device("cpu"))
-    assert (choice["amp"], choice["teacher_amp"], choice["channels_last"]) == (False, False, True)
-    assert "has no native bf16" in choice["reason"] and "so fp32; channels_last" in choice["reason"]
-
-
-def test_a_cpu_without_onednn_stays_contiguous(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    choice = precision.resolve_auto(torch.device("cpu"))
-    assert (choice["amp"], choice["teacher_amp"], choice["channels_last"]) == (False, False, False)
-    assert choice["reason"].endswith("; contiguous layout")
-
-
-def test_a_cpu_with_native_bf16_gets_bf16_and_channels_last(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
-    assert precision.native_bf16(torch.device("cpu"))
-    choice = precision.resolve_auto(torch.device("cpu"))
-    assert (choice["amp"], choice["teacher_amp"], choice["channels_last"]) == (True, True, True)
-    assert "runs bf16 natively" in choice["reason"]
+    assert (choice["amp"], choice["teacher_amp"], choice["channels_last"]) == expected
+    assert all(f in choice["reason"] for f in fragments)
+    assert suffix is None or choice["reason"].endswith(suffix)
 
 
 def test_float16_auto_on_the_cpu_is_fp32_not_an_error(monkeypatch):

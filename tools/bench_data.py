@@ -8,7 +8,7 @@
     python tools/bench_data.py --quick    # about 30 s on 2 idle CPU cores: small JPEGs, 64 px, batch 8
 
 The loader is the Trainer's (pretrain/trainer.py): ImageFolder -> MultiViewDataset(moco_v2_transform) ->
-ResumableSampler -> DataLoader, built from the same functions with the same arguments and a config from
+ResumableSampler -> DataLoader (or DALI), built by the same function (pretrain.loader.build_train_loader) from
 ``pretrain.config.setup_cfg`` (``--config-file`` plus ``KEY VALUE`` overrides; DATA.* keys such as DATA.CROP_SCALE
 apply). ``tests/test_bench_data.py`` checks that it yields exactly the Trainer's batches.
 
@@ -40,7 +40,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,9 +54,9 @@ _ROOT = os.path.dirname(_TOOLS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from pretrain.data import ImageFolder, MultiViewDataset, ResumableSampler, moco_v2_transform  # noqa: E402
+from pretrain.data import ImageFolder, ResumableSampler  # noqa: E402
+from pretrain.precision import cpu_info  # noqa: E402
 
 # ImageNet's typical JPEG sizes (width x height; most ImageNet images have a 500-px longer side).
 IMAGENET_SIZES = ("500x375", "375x500", "500x333", "333x500", "500x400", "400x300")
@@ -176,38 +175,21 @@ def describe_images(train_dir: str, limit: int = 200) -> dict:
 # The loader, as the Trainer builds it
 # ------------------------------------------------------------------------------------------------------------------
 
-def build_torchvision_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                             device: Optional[torch.device] = None):
-    """The training loader of ``Trainer._build`` (pretrain/trainer.py, pretrain.loader.build_train_loader) for
-    DATA.BACKEND torchvision, same functions, same arguments; returns ``(loader, sampler)`` (``device`` unused: the
-    DataLoader yields CPU tensors, pinned with ``pin_memory``). Keep in step with the Trainer:
-    tests/test_bench_data.py compares their batches."""
-    base = ImageFolder(cfg.DATA.TRAIN_DIR)
-    sampler = ResumableSampler(len(base), cfg.SOLVER.IMS_PER_BATCH, rank, world, cfg.SEED)
-    d = cfg.DATA
-    transform = moco_v2_transform(d.IMAGE_SIZE, d.CROP_SCALE, d.BLUR_SIGMA, d.MEAN, d.STD, d.COLOR_JITTER,
-                                  d.GRAYSCALE_P)
-    dataset = MultiViewDataset(base, transform, cfg.SEED, skip_corrupt=d.SKIP_CORRUPT, sampler=sampler)
-    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True,
-                        num_workers=d.NUM_WORKERS, pin_memory=pin_memory, persistent_workers=d.NUM_WORKERS > 0,
-                        generator=torch.Generator().manual_seed(cfg.SEED))
-    return loader, sampler
-
-
-def build_dali_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                      device: Optional[torch.device] = None):
-    """The Trainer's loader for DATA.BACKEND dali (pretrain.loader.build_train_loader): DALI on ``device`` (the GPU
-    for a CUDA device, else the CPU), DATA.NUM_WORKERS threads. Returns ``(loader, sampler)``."""
+def build_loader(cfg, backend: str, device: torch.device):
+    """The Trainer's training loader (pretrain.loader.build_train_loader, the very function ``Trainer._build`` calls)
+    for ``cfg`` with DATA.BACKEND ``backend``, process 0 of 1, on ``device`` (torchvision: pinned memory for a CUDA
+    device; dali: on the GPU for a CUDA device, else on the CPU). Returns ``(loader, sampler)``."""
     from pretrain.loader import build_train_loader
+
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.DATA.BACKEND = "dali"
+    cfg.DATA.BACKEND = backend
     cfg.freeze()
-    loader, sampler, _ = build_train_loader(cfg, rank, world, device or torch.device("cpu"))
+    loader, sampler, _ = build_train_loader(cfg, 0, 1, device)
     return loader, sampler
 
 
-BACKENDS = {"torchvision": build_torchvision_loader, "dali": build_dali_loader}  # DATA.BACKEND -> its builder
+BACKENDS = ("torchvision", "dali")  # DATA.BACKEND values
 
 
 def default_backends() -> List[str]:
@@ -277,18 +259,10 @@ def measure_step(pair: str, batch: int, image_size: int, queue: int, steps: int,
     bd = _bench_distill()
     teacher, student = pair.split(":")
     torch.manual_seed(0)
-    made = bd.ours_step_fn(teacher, student, queue, device, student_bf16, teacher_bf16, channels_last)
-    step = made[0] if isinstance(made, tuple) else made  # (step, memory parts)
+    step, _ = bd.ours_step_fn(teacher, student, queue, device, student_bf16, teacher_bf16, channels_last)
     views = [torch.randn(batch, 3, image_size, image_size, device=device) for _ in range(2)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step(*views)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(*views)
-    sync()
-    return {"pair": pair, "images_per_s": batch * steps / (time.perf_counter() - t0), "batch": batch,
+    s_per_step, _, _ = bd.time_steps(step, views, warmup, steps, device)
+    return {"pair": pair, "images_per_s": batch / s_per_step, "batch": batch,
             "image_size": image_size, "queue": queue, "steps": steps, "warmup": warmup, "student_bf16": student_bf16,
             "teacher_bf16": teacher_bf16, "channels_last": channels_last,
             "source": "measured (tools/bench_distill.py's ours step)"}
@@ -298,19 +272,11 @@ def measure_step(pair: str, batch: int, image_size: int, queue: int, steps: int,
 # Report
 # ------------------------------------------------------------------------------------------------------------------
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def machine_info(device: torch.device) -> dict:
     import PIL
     import torchvision
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+    info = {"cpu": cpu_info()[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "usable_cores": usable, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "pillow": PIL.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
@@ -437,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for w in args.workers:
             warm, timed = plans[w]
             cfg_w = bench_cfg(args.config_file, train_dir, args.batch, args.image_size, w, args.opts)
-            loader, sampler = BACKENDS[backend](cfg_w, pin_memory=device.type == "cuda", device=device)
+            loader, sampler = build_loader(cfg_w, backend, device)
             n, dt = time_loader(loader, sampler, warm, timed)
             del loader
             rows.append({"backend": backend, "workers": w, "batch": args.batch, "image_size": image_size,

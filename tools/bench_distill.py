@@ -186,19 +186,7 @@ def measure(args) -> dict:
         step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl, args.compile)
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
     parts["input views"] = 2 * _nbytes(views[0])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    first_s = None  # the first warm-up step: with --compile, the compilation
-    for i in range(args.warmup):
-        t0 = time.perf_counter()
-        step(*views)
-        sync()
-        first_s = time.perf_counter() - t0 if i == 0 else first_s
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(*views)
-    sync()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt, first_s, loss = time_steps(step, views, args.warmup, args.steps, device)
     if device.type == "cuda":
         peak = tensors_peak = torch.cuda.max_memory_allocated() / GIB
     else:
@@ -210,6 +198,24 @@ def measure(args) -> dict:
             "tensors_peak_gib": tensors_peak, "parts_gib": {k: v / GIB for k, v in parts.items()},
             "loss": float(loss), "threads": torch.get_num_threads(), "compile": bool(args.compile),
             "first_step_s": first_s}
+
+
+def time_steps(step, views, warmup: int, steps: int, device: torch.device):
+    """``warmup`` untimed calls of ``step(*views)``, then ``steps`` timed ones (the device synchronised around them):
+    (seconds per timed step, seconds of the first warm-up step or None (with --compile: the compilation), the last
+    step's return value)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_s = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step(*views)
+        sync()
+        first_s = time.perf_counter() - t0 if i == 0 else first_s
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = step(*views)
+    sync()
+    return (time.perf_counter() - t0) / steps, first_s, out
 
 
 def step_tensor_peak(step, views) -> int:
