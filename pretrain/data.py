@@ -214,3 +214,14 @@ def balanced_subset(targets: Sequence[int], max_items: int, seed: int = 0) -> Li
         perm = torch.randperm(len(idx), generator=g)[:per_class].tolist()
         chosen.extend(idx[i] for i in perm)
     return sorted(chosen)
+
+
+def balanced_sample(targets, max_images: int, seed: int = 0) -> List[int]:
+    """At most ``max_images`` (0 = all) indices of a split with ``targets``, class-balanced and deterministic
+    (:func:`balanced_subset`), and a seeded choice among them when there are more classes than
+    ``max_images`` (balanced_subset keeps one per class then)."""
+    chosen = balanced_subset(targets, max_images, seed)
+    if len(chosen) > max_images > 0:
+        keep = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:max_images]
+        chosen = sorted(chosen[i] for i in keep.tolist())
+    return chosen

@@ -154,24 +154,11 @@ def weight_keys(cfg, distillers: List[str]) -> List[str]:
     return out
 
 
-def balanced_sample(targets, max_images: int, seed: int = 0) -> List[int]:
-    """At most ``max_images`` (0 = all) indices of a split with ``targets``, class-balanced and deterministic
-    (:func:`pretrain.data.balanced_subset`), and a seeded choice among them when there are more classes than
-    ``max_images`` (balanced_subset keeps one per class then)."""
-    from .data import balanced_subset
-
-    chosen = balanced_subset(targets, max_images, seed)
-    if len(chosen) > max_images > 0:
-        keep = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:max_images]
-        chosen = sorted(chosen[i] for i in keep.tolist())
-    return chosen
-
-
 def training_images(cfg, max_images: int):
-    """A deterministic class-balanced subset (:func:`balanced_sample`, seeded with SEED) of at most ``max_images``
+    """A deterministic class-balanced subset (:func:`pretrain.data.balanced_sample`, seeded with SEED) of at most ``max_images``
     images of DATA.TRAIN_DIR with the evaluation transform (resize DATA.IMAGE_SIZE / 0.875, centre crop
     DATA.IMAGE_SIZE): a list of 3 x S x S tensors. Unreadable images are left out."""
-    from .data import CorruptImageError, ImageFolder, eval_transform
+    from .data import CorruptImageError, ImageFolder, balanced_sample, eval_transform
 
     d = cfg.DATA
     base = ImageFolder(d.TRAIN_DIR)

@@ -61,8 +61,8 @@ import yaml
 from pretrain import distributed as du
 from pretrain.backbones import build_backbone, get_spec
 from pretrain.checkpoint import Checkpointer, load_strict, verify_checkpoint
+from pretrain.data import balanced_sample
 from pretrain.formats import read_backbone
-from pretrain.health import balanced_sample
 from pretrain.knn import backbone_features, extract_features
 from pretrain.losses.kd import kd_loss
 from pretrain.runlog import progress_bar
