@@ -89,8 +89,10 @@ class SlurmTask:
         return submitit.helpers.DelayedSubmission(SlurmTask(self.entry, self.args))
 
 
-def submit(entry: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str) -> submitit.Job:
-    """Submit ``entry(args)`` as a SLURM job with the flags of :func:`add_slurm_args`; print where it runs."""
+def submit(entry: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str, dependency: str = "",
+           task: "SlurmTask" = None, quiet: bool = False) -> submitit.Job:
+    """Submit ``entry(args)`` (or a ready ``task``) as a SLURM job with the flags of :func:`add_slurm_args`, after
+    the jobs of ``dependency`` (sbatch's syntax, e.g. ``afterok:12:13``); print where it runs unless ``quiet``."""
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster="slurm")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     params = dict(name=name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
@@ -100,15 +102,18 @@ def submit(entry: Callable[[argparse.Namespace], Any], args: argparse.Namespace,
                   slurm_srun_args=["--kill-on-bad-exit=1"])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
+    if dependency:
+        params["slurm_dependency"] = dependency
     if args.mem:
         params["mem_gb"] = args.mem
     for flag in ("partition", "account", "qos", "constraint", "comment"):
         if getattr(args, flag):
             params[f"slurm_{flag}"] = getattr(args, flag)
     executor.update_parameters(**params)
-    job = executor.submit(SlurmTask(entry, args))
-    print(f"submitted job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); rank-0 logs: "
-          f"{job.task(0).paths.stdout} and {job.task(0).paths.stderr}", flush=True)
+    job = executor.submit(task or SlurmTask(entry, args))
+    if not quiet:
+        print(f"submitted job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); rank-0 logs: "
+              f"{job.task(0).paths.stdout} and {job.task(0).paths.stderr}", flush=True)
     return job
 
 

@@ -208,3 +208,227 @@ def plot_info_plane(runs: Dict[str, str], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A benchmark's results table: protocol bars (paper Figures 5 and 6) and hidden-dim sweeps (paper Figure 9)
+#
+# ``rows``: one dict per benchmark run, ``{"run": str, "method": str, "group": str, "seed": int | None,
+# "hidden_dim": int | None, "cells": {metric: float}, ["paper": {metric: float}]}``. A cell or paper value that is
+# missing, None or not finite (a failed run's NaN) counts as absent.
+
+
+def _finite(values: dict, metric: str):
+    """``values[metric]`` as a float, or None when it is missing, None or not finite."""
+    import math
+
+    v = (values or {}).get(metric)
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _summary(values: List[float]) -> tuple:
+    """``(mean, sample std or None when fewer than 2 values, n)``."""
+    import statistics
+
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def _first_seen(items) -> list:
+    """The distinct items in their first-seen order."""
+    return list(dict.fromkeys(items))
+
+
+def group_label(group: str) -> str:
+    """The x tick label of a group: the group itself, ``"all"`` for the empty group (nothing else varies)."""
+    return group if group else "all"
+
+
+def bar_groups(rows: Sequence[dict], metric: str) -> Dict[str, Dict[str, tuple]]:
+    """``{group: {method: (mean, std or None, n, paper or None)}}`` of ``metric`` over ``rows``, groups and methods in
+    first-seen order: mean and sample std (None with one run) over the rows of that (group, method) with a value of
+    ``metric`` (one per seed), ``n`` how many, and ``paper`` the first ``paper[metric]`` among all the rows of that
+    (group, method). A (group, method) without any value is left out, and so is a group left empty."""
+    values, papers = {}, {}
+    for r in rows:
+        key = (r.get("group") or "", r["method"])
+        v = _finite(r.get("cells"), metric)
+        if v is not None:
+            values.setdefault(key, []).append(v)
+        p = _finite(r.get("paper"), metric)
+        if p is not None:
+            papers.setdefault(key, p)
+    out = {}
+    for group, method in _first_seen((r.get("group") or "", r["method"]) for r in rows):
+        if (group, method) in values:
+            out.setdefault(group, {})[method] = (*_summary(values[(group, method)]), papers.get((group, method)))
+    return out
+
+
+def protocol_metrics(rows: Sequence[dict], metrics: Sequence[str] = None) -> List[str]:
+    """The metrics :func:`protocol_bars_figure` draws: ``metrics`` in the given order, or every metric of any row's
+    cells in first-seen order, less those without a single value."""
+    if metrics is None:
+        metrics = _first_seen(m for r in rows for m in (r.get("cells") or {}))
+    return [m for m in _first_seen(metrics) if any(_finite(r.get("cells"), m) is not None for r in rows)]
+
+
+def protocol_bars_figure(rows: Sequence[dict], metrics: Sequence[str] = None):
+    """The figure of :func:`plot_protocol_bars` (a ``matplotlib.figure.Figure``): one panel per metric with data
+    (:func:`protocol_metrics`), titled by the metric; groups on x in first-seen order (``""`` labelled ``"all"``),
+    within a group one bar per method, the method's colour fixed by its first-seen position among all rows (the
+    colours of :func:`run_styles`) in every panel, one legend for the figure. A bar is the mean over seeds of
+    :func:`bar_groups`, with its value above it (1 decimal) and a sample-std error bar when there are 2+ seeds; the
+    paper's value is a short black horizontal line across the bar."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    names = protocol_metrics(rows, metrics)
+    if not names:
+        wanted = "any metric" if metrics is None else f"the metrics {list(metrics)}"
+        raise ValueError(f"no value of {wanted} in the cells of the runs {[r.get('run') for r in rows]}")
+    methods = _first_seen(r["method"] for r in rows)
+    colors = {m: s["color"] for m, s in run_styles(methods).items()}
+    tables = [bar_groups(rows, m) for m in names]
+    widest = max(len(t) * max(len(g) for g in t.values()) for t in tables)
+    cols = min(3, len(names))
+    nrows = (len(names) + cols - 1) // cols
+    width_in = max(4.6, 1.4 + 0.42 * widest)
+    fig = Figure(figsize=(width_in * cols, 3.4 * nrows + 0.4))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    any_paper = False
+    for ax, metric, table in zip(axes.flat, names, tables):
+        per_group = max(len(g) for g in table.values())
+        width = 0.8 / per_group
+        top = 0.0
+        for i, (group, by_method) in enumerate(table.items()):
+            start = i - width * (len(by_method) - 1) / 2
+            for j, (method, (mean, std, _n, paper)) in enumerate(by_method.items()):
+                x = start + j * width
+                ax.bar(x, mean, width * 0.92, color=colors[method], label=method)
+                if std is not None:
+                    ax.errorbar(x, mean, yerr=std, color="0.2", capsize=3, linewidth=1, fmt="none")
+                if paper is not None:
+                    ax.hlines(paper, x - width * 0.46, x + width * 0.46, colors="black", linewidth=2.2, zorder=4)
+                    any_paper = True
+                above = max(mean + (std or 0.0), paper if paper is not None else mean)
+                ax.annotate(f"{mean:.1f}", (x, above), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7)
+                top = max(top, above)
+        ax.set_xticks(range(len(table)))
+        ax.set_xticklabels([group_label(g) for g in table])
+        ax.set_xlim(-0.6, len(table) - 0.4)
+        if top > 0 and all(mean >= 0 for g in table.values() for mean, *_ in g.values()):
+            ax.set_ylim(0, top * 1.15)  # room for the value labels
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        fig.delaxes(ax)
+    handles = [Patch(color=colors[m]) for m in methods]
+    labels = list(methods)
+    if any_paper:
+        handles.append(Line2D([], [], color="black", linewidth=2.2))
+        labels.append("paper")
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    return fig
+
+
+def plot_protocol_bars(rows: Sequence[dict], path: str, metrics: Sequence[str] = None) -> str:
+    """The protocol bars of ``rows`` (:func:`protocol_bars_figure`) written to the PNG ``path``; returns ``path``."""
+    fig = protocol_bars_figure(rows, metrics)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def series_label(method: str, group: str) -> str:
+    """The legend label of a (method, group) series: the method, with the group in parentheses when there is one."""
+    return f"{method} ({group})" if group else method
+
+
+def hidden_dim_sweeps(rows: Sequence[dict], metric: str) -> Dict[str, List[tuple]]:
+    """``{label: [(hidden_dim, mean, std or None, n, paper or None), ...]}`` sorted by hidden_dim, one series per
+    (method, group) in first-seen order (label :func:`series_label`), over the rows with a positive ``hidden_dim``
+    and a value of ``metric``: mean and sample std (None with one run) over the seeds of each hidden dim, ``paper``
+    the first ``paper[metric]`` among them. Only series with at least 2 distinct hidden dims are kept (a hidden dim
+    of 0, a head without a hidden layer, has no place on the log axis and is left out)."""
+    values, papers = {}, {}
+    for r in rows:
+        dim = r.get("hidden_dim")
+        v = _finite(r.get("cells"), metric)
+        if dim is None or dim <= 0 or v is None:
+            continue
+        key = (r["method"], r.get("group") or "")
+        values.setdefault(key, {}).setdefault(int(dim), []).append(v)
+        p = _finite(r.get("paper"), metric)
+        if p is not None:
+            papers.setdefault(key, {}).setdefault(int(dim), p)
+    out = {}
+    for (method, group), by_dim in values.items():  # dicts keep first-seen order
+        if len(by_dim) >= 2:
+            out[series_label(method, group)] = [(d, *_summary(by_dim[d]), papers.get((method, group), {}).get(d))
+                                                for d in sorted(by_dim)]
+    return out
+
+
+def hidden_dim_figure(rows: Sequence[dict], metric: str = "linear_top1"):
+    """The figure of :func:`plot_hidden_dim` (a ``matplotlib.figure.Figure``), paper Figure 9: the hidden dim on a
+    log2 x axis with a tick at each value present, ``metric`` on y, one line per series of :func:`hidden_dim_sweeps`
+    (mean over seeds, sample-std error bars; colour, line style and marker of :func:`run_styles`), the paper's values
+    as hollow markers of the series' colour. ValueError when no series has 2+ hidden dims."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+
+    sweeps = hidden_dim_sweeps(rows, metric)
+    if not sweeps:
+        raise ValueError(f"no hidden-dim sweep of {metric!r} in the runs {[r.get('run') for r in rows]}: a "
+                         f"(method, group) needs values of {metric} at 2 or more distinct hidden_dim")
+    styles = run_styles(list(sweeps))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    handles, labels, any_paper = [], [], False
+    for label, pts in sweeps.items():
+        style = styles[label]
+        dims = [p[0] for p in pts]
+        yerr = [float("nan") if p[2] is None else p[2] for p in pts]  # one seed: no error bar
+        container = ax.errorbar(dims, [p[1] for p in pts], yerr=yerr, capsize=3, markersize=5, linewidth=1.4,
+                                **style)
+        handles.append(container.lines[0])
+        labels.append(label)
+        paper = [(p[0], p[4]) for p in pts if p[4] is not None]
+        if paper:
+            any_paper = True
+            ax.plot(*zip(*paper), linestyle="none", marker=style["marker"], markersize=9, markerfacecolor="none",
+                    markeredgecolor=style["color"], markeredgewidth=1.4, zorder=4)
+    dims = sorted({p[0] for pts in sweeps.values() for p in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims)
+    ax.set_xticklabels([str(d) for d in dims])
+    ax.xaxis.set_minor_locator(NullLocator())
+    if any_paper:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="none",
+                              markeredgecolor="0.3"))
+        labels.append("paper (hollow)")
+    ax.set_xlabel("hidden dim")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs hidden dim", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_hidden_dim(rows: Sequence[dict], path: str, metric: str = "linear_top1") -> str:
+    """The hidden-dim sweeps of ``rows`` (:func:`hidden_dim_figure`) written to the PNG ``path``; returns ``path``."""
+    fig = hidden_dim_figure(rows, metric)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
