@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             states = follow_graph(jobs, stages)
             failed = [n for n, state in states.items() if state not in ("COMPLETED",)]
         else:
-            status = run_local(stages, selected, args.config_file, args.opts)
+            status = run_local(stages, selected, cfg)
             failed = failures(status, stages)
         print(f"[benchmark] {os.path.join(out, 'results.md')}")
         if os.path.isfile(os.path.join(out, "results.md")):

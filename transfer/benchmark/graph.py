@@ -13,16 +13,15 @@ when ``<stage>/results.json`` is complete: it parses and holds the stage's resul
 interrupted resumes where it stopped when it runs again.
 """
 import argparse
-import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from pretrain.cfgnode import ConfigError
 
 from .config import PROTOCOLS, Run, builtin_values, expand_runs, resolve
+from .stage import DETECTION_STAGES, Stage, is_done, read_results, write_json
 
 LAUNCHER_TOOLS = {  # tool: (module with its run(args), module:function(args) that builds and checks its config)
     "pretrain": ("pretrain.launch", "transfer.benchmark.graph:_pretrain_cfg"),
@@ -43,69 +42,6 @@ def _eval_cfg(args):
     from transfer.config import setup_eval_cfg
 
     return setup_eval_cfg(args.config_file, args.opts)
-EVAL_STAGES = ("knn", "linear", "semi_1pct", "semi_10pct", "cifar10", "cifar100", "tsne")
-DETECTION_STAGES = ("voc", "coco")
-STAGE_KINDS = ("data", "pretrain", "export", *EVAL_STAGES, "convert", *DETECTION_STAGES, "report")
-
-
-@dataclass
-class Stage:
-    name: str  # "data", "<run>/<kind>" or "report"
-    kind: str  # one of STAGE_KINDS
-    out: str  # its folder (the tool's OUTPUT_DIR)
-    run: Optional[Run] = None
-    tool: str = ""  # a LAUNCHER_TOOLS name, or "" for the benchmark's own steps
-    argv: List[str] = field(default_factory=list)  # the tool's command line (its flags and KEY VALUE overrides)
-    needs: List[str] = field(default_factory=list)
-    gpus: int = 0
-    nodes: int = 1
-    timeout: int = 60  # minutes
-    cpus: int = 2
-    env: Dict[str, str] = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # what the benchmark's own steps need (paths, arch, ...)
-
-    @property
-    def results(self) -> str:
-        return os.path.join(self.out, "results.json")
-
-    def command(self) -> str:
-        """The command that does this stage by hand (what a stage runs in-process)."""
-        import shlex
-
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        if self.tool:
-            line = f"python tools/{self.tool}.py {' '.join(shlex.quote(a) for a in self.argv)}"
-        else:
-            line = f"(benchmark step {self.kind}: {self.info.get('what', '')})"
-        return f"{env} {line}".strip()
-
-
-def _required_keys(kind: str):
-    return {"pretrain": ("export",), "export": ("export", "arch"), "knn": ("top1",), "linear": ("top1",),
-            "semi_1pct": ("top1",), "semi_10pct": ("top1",), "cifar10": ("top1",), "cifar100": ("top1",),
-            "tsne": ("png",), "convert": ("pkl",), "data": ("paths",), "report": ("table",)}.get(kind, ())
-
-
-def read_results(stage: Stage) -> Optional[dict]:
-    """The stage's results.json if it is complete (parses, holds the stage's result keys), else None."""
-    try:
-        with open(stage.results) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not data:
-        return None
-    if stage.kind in DETECTION_STAGES:  # {dataset: {task: {AP, AP50, ...}}}
-        ok = all(isinstance(r, dict) and r and all(isinstance(m, dict) and "AP" in m for m in r.values())
-                 for r in data.values())
-        return data if ok else None
-    return data if all(k in data for k in _required_keys(stage.kind)) else None
-
-
-def is_done(stage: Stage) -> bool:
-    return stage.kind != "report" and read_results(stage) is not None
-
-
 def _quiet_pretrain_cfg(path: str, opts):
     """The merged pretraining config without its checks (a teacher export may not exist yet): arch, batch, ..."""
     from pretrain.cfgnode import merge_and_freeze
@@ -265,8 +201,8 @@ def toposort(stages: List[Stage]) -> List[Stage]:
 
 
 def select(stages: List[Stage], only=(), skip=()) -> List[Stage]:
-    """The stages to run: those matching ``only`` (a stage name, a run name or a kind; default all) and not ``skip``;
-    the report always runs."""
+    """The stages to run: those matching ``only`` (a stage name, a run name or a kind; default all) and not ``skip``,
+    with every stage they need that is not done yet (and not skipped); the report always runs."""
     def match(s: Stage, words) -> bool:
         return any(w in (s.name, s.kind) or (s.run is not None and w in (s.run.name, s.run.template))
                    for w in words)
@@ -275,19 +211,20 @@ def select(stages: List[Stage], only=(), skip=()) -> List[Stage]:
         if not any(match(s, [w]) for s in stages):
             raise ConfigError(f"--only / --skip {w!r} matches no stage, run or kind; stages: "
                               f"{', '.join(s.name for s in stages[:12])}{' ...' if len(stages) > 12 else ''}")
-    return [s for s in stages if s.kind == "report" or ((not only or match(s, only)) and not match(s, skip))]
+    chosen = {s.name for s in stages if s.kind == "report" or ((not only or match(s, only)) and not match(s, skip))}
+    by_name = {s.name: s for s in stages}
+    todo = [n for n in chosen if by_name[n].kind != "report"]  # the report takes whatever is done
+    while todo:  # and what they need that is not done yet (unless skipped): --only disco/voc pretrains first
+        for need in by_name[todo.pop()].needs:
+            dep = by_name[need]
+            if need not in chosen and not match(dep, skip) and not is_done(dep):
+                chosen.add(need)
+                todo.append(need)
+    return [s for s in stages if s.name in chosen]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running one stage (in this process: a local stage subprocess, or a SLURM task)
-
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -332,7 +269,7 @@ def run_stage(stage: Stage, cfg, in_slurm_task: bool = False) -> Optional[dict]:
             from pretrain.formats import read_backbone
 
             meta = read_backbone(out["backbone"], what="the run's export").metadata
-            _write_json(stage.results, {"export": out["backbone"], "head": out["head"], "arch": stage.info["arch"],
+            write_json(stage.results, {"export": out["backbone"], "head": out["head"], "arch": stage.info["arch"],
                                         "iterations": meta.get("iteration"), "epochs": meta.get("epoch"),
                                         "minutes": round((time.perf_counter() - t0) / 60, 2)})
     elif _rank() == 0:
@@ -342,7 +279,7 @@ def run_stage(stage: Stage, cfg, in_slurm_task: bool = False) -> Optional[dict]:
     results = read_results(stage)
     if results is None:
         return None  # stopped early (preempted, TRAIN.STOP_AT_ITER): rerunning continues
-    _write_json(os.path.join(stage.out, "stage.json"), {
+    write_json(os.path.join(stage.out, "stage.json"), {
         "stage": stage.name, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": round(time.perf_counter() - t0, 2), "resumed": resumed, "host": socket.gethostname(),
         "slurm_job": os.environ.get("SLURM_JOB_ID", ""), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
@@ -369,7 +306,7 @@ def _step_data(stage: Stage, cfg) -> None:
                               val_images=s.DET_TEST_IMAGES, image_size=64, seed=0)
     info = {k: ({kk: vv for kk, vv in v.items() if kk not in ("seconds", "generated")} if isinstance(v, dict) else v)
             for k, v in info.items()}
-    _write_json(stage.results, {"paths": p, "datasets": info})
+    write_json(stage.results, {"paths": p, "datasets": info})
 
 
 def _step_export(stage: Stage, cfg) -> None:
@@ -377,19 +314,19 @@ def _step_export(stage: Stage, cfg) -> None:
     format through the project's reader; record arch, parameters, format and method."""
     from pretrain.backbones import build_backbone, get_spec
     from pretrain.checkpoint import load_strict
-    from pretrain.formats import EXPORT_FORMAT, read_backbone
+    from pretrain.formats import read_backbone
 
     source = stage.info["source"]
     ckpt = read_backbone(source, stage.info["arch"] or None, f"{stage.name} source")
     model = build_backbone(ckpt.arch)
     load_strict(model, ckpt.state_dict, f"{stage.name} {source}")
     timm_loaded = False
-    if ckpt.format == EXPORT_FORMAT and get_spec(ckpt.arch).timm_arch:
+    if ckpt.format == "export" and get_spec(ckpt.arch).timm_arch:
         import timm
 
         timm.create_model(get_spec(ckpt.arch).timm_arch, num_classes=0, checkpoint_path=source)
         timm_loaded = True
-    _write_json(stage.results, {"export": source, "arch": ckpt.arch, "format": ckpt.format,
+    write_json(stage.results, {"export": source, "arch": ckpt.arch, "format": ckpt.format,
                                 "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                                 "method": ckpt.metadata.get("method", ""), "head": ckpt.metadata.get("head"),
                                 "loads_in_timm": timm_loaded})
@@ -402,7 +339,7 @@ def _step_convert(stage: Stage, cfg) -> None:
     os.makedirs(stage.out, exist_ok=True)
     report, conv, config = convert_to_d2(stage.info["source"], pkl, stage.info["arch"], stage.info["config"],
                                          stage.info["opts"], True)
-    _write_json(stage.results, {"pkl": pkl, "source": stage.info["source"], "arch": conv.arch,
+    write_json(stage.results, {"pkl": pkl, "source": stage.info["source"], "arch": conv.arch,
                                 "checked_against": config, "summary": report.summary()})
 
 

@@ -14,16 +14,46 @@ import sys
 import time
 from typing import Dict, List
 
-from .graph import Stage, is_done, toposort
+from .graph import toposort
+from .stage import Stage, is_done
 
-TOOLS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
 JOBS_FILE = "slurm_jobs.json"  # OUTPUT_DIR/slurm_jobs.json: {stage: SLURM job id} of the last submission
 
 
-def stage_argv(config_file: str, opts, stage: Stage) -> List[str]:
-    """The command line of the process that runs ``stage`` (``tools/benchmark.py ... --run-stage NAME``)."""
-    return [sys.executable, os.path.join(TOOLS_DIR, "benchmark.py"), "--config-file", config_file, *map(str, opts),
-            "--run-stage", stage.name]
+def _stage_process(stage: Stage, cfg, log_path: str) -> None:
+    """The body of a stage's process: its output to ``log_path``, SIGTERM when the benchmark dies, the stage."""
+    import traceback
+
+    from .graph import run_stage
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    _die_with_parent()
+    code = 0
+    try:
+        run_stage(stage, cfg)
+    except SystemExit as e:  # a tool's user error (exit status 2, its error line printed)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_process(stage: Stage, cfg, log_path: str) -> int:
+    """Run ``stage`` in a child process and return its exit status. The child is forked from this process, which
+    has imported torch, timm and detectron2 (to build the graph) and run no tensor operation: on a small machine
+    that saves the ~8 s of imports a fresh interpreter pays per stage; a crash or leak stays in the child."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    proc = ctx.Process(target=_stage_process, args=(stage, cfg, log_path), name=f"stage {stage.name}")
+    proc.start()
+    proc.join()
+    return proc.exitcode
 
 
 def _die_with_parent() -> None:
@@ -51,7 +81,7 @@ def plan(stages: List[Stage], selected: List[Stage]) -> Dict[str, str]:
     return {s.name: "done" if is_done(s) else ("run" if s.name in chosen else "not selected") for s in stages}
 
 
-def run_local(stages: List[Stage], selected: List[Stage], config_file: str, opts, log=print) -> Dict[str, str]:
+def run_local(stages: List[Stage], selected: List[Stage], cfg, log=print) -> Dict[str, str]:
     """Run the selected stages that are not done, in dependency order, each as its own process whose output goes to
     ``<stage>/stage.log``. Returns {stage: "done", "ran", "failed", "skipped" or "not selected"}."""
     status = plan(stages, selected)
@@ -70,8 +100,7 @@ def run_local(stages: List[Stage], selected: List[Stage], config_file: str, opts
         with open(path, "a") as f:
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage.command()}\n")
             f.flush()
-            rc = subprocess.call(stage_argv(config_file, opts, stage), stdout=f, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        rc = run_process(stage, cfg, path)
         seconds = time.perf_counter() - t0
         if rc == 0 and (stage.kind == "report" or is_done(stage)):
             status[stage.name] = "ran"
@@ -166,13 +195,15 @@ def follow_graph(jobs: Dict[str, str], stages: List[Stage], poll_s: float = 2.0,
     handles = {n: submitit.SlurmJob(folder=os.path.join(by_name[n].out, "slurm", "%j"), job_id=j)
                for n, j in jobs.items()}
     shown: Dict[str, str] = {}
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+             "DEADLINE")
     while True:
         for name, job in handles.items():
             state = job.state
-            if shown.get(name) != state:
+            if shown.get(name) != state and state != "UNKNOWN":  # UNKNOWN: not yet in SLURM's accounting
                 shown[name] = state
                 log(f"[benchmark] {name} (job {job.job_id}): {state}")
-        if all(job.done() for job in handles.values()):
+        if all(shown.get(n, "").split()[0] in ended for n in handles if shown.get(n)) and len(shown) == len(handles):
             break
         time.sleep(poll_s)
-    return {n: handles[n].state for n in handles}
+    return {n: shown[n].split()[0] for n in handles}

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from .graph import DETECTION_STAGES, Stage, _write_json, read_results
+from .stage import DETECTION_STAGES, Stage, read_results, write_json
 
 # (stage kind, cell name, where in its results.json): the table's columns, in this order
 CELLS = (
@@ -155,5 +155,5 @@ def write_report(cfg, stages: List[Stage]) -> dict:
     table = markdown(cfg, data, plots)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-    _write_json(os.path.join(out, "results.json"), {**data, "plots": plots, "table": table})
+    write_json(os.path.join(out, "results.json"), {**data, "plots": plots, "table": table})
     return data
