@@ -74,11 +74,21 @@ def test_bad_benchmark_configs_name_the_cause(tmp_path, text, error, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_shipped_configs_build_their_graphs_with_paper_rows():
+def test_unknown_paper_row_fails_when_the_graph_is_built(tmp_path):
+    cfg = setup_benchmark_cfg(_write(tmp_path / "b.yaml", f"""
+OUTPUT_DIR: {tmp_path / 'out'}
+RUNS: {{a: {{PRETRAIN: configs/pretrain/quickstart_moco.yaml, PAPER: table1/r50/r18/discoo}}}}
+"""))
+    with pytest.raises(ConfigError, match="run a: PAPER: no paper row 'table1/r50/r18/discoo'; closest: "
+                                         "table1/r50/r18/disco"):
+        build_graph(cfg)
+
+
+def test_shipped_configs_build_their_graphs_with_paper_rows(tmp_path):
     numbers = load_paper_numbers()
     graphs = {}
     for path in sorted(BENCH.glob("*.yaml")):
-        cfg = setup_benchmark_cfg(str(path))
+        cfg = setup_benchmark_cfg(str(path), ["OUTPUT_DIR", str(tmp_path / path.stem)])  # nothing done yet
         stages = toposort(build_graph(cfg))
         graphs[path.stem] = {s.name: s for s in stages}
         for run in expand_runs(cfg):
@@ -229,7 +239,8 @@ RUNS:
 def test_failed_stage_is_named_its_dependants_skipped_the_rest_done(tmp_path, imagefolder, convnet_export):
     """CIFAR-10 without its dataset fails, the conversion of a convnet (no detectron2 backbone) fails and VOC, which
     needs it, is skipped; kNN still runs; exit status 1 naming both failures and their logs."""
-    proc = _bench("--config-file", _weights_only(tmp_path, convnet_export, imagefolder))
+    config = _weights_only(tmp_path, convnet_export, imagefolder)
+    proc = _bench("--config-file", config)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 stage(s) failed: random/cifar10, random/convert" in proc.stderr
     assert "random/voc: skipped, it needs random/convert (failed)" in proc.stdout
@@ -238,6 +249,12 @@ def test_failed_stage_is_named_its_dependants_skipped_the_rest_done(tmp_path, im
     assert set(results["runs"][0]["cells"]) == {"knn_top1", "knn_top5"}
     status = {s["stage"]: s["status"] for s in results["stages"]}
     assert status["random/knn"] == "done" and status["random/voc"] == "not done"
+    # one stage by hand, in this process: what each stage's process and SLURM job runs
+    first = _stage_json(tmp_path / "bench", "random/knn")["finished"]
+    time.sleep(1)
+    proc = _bench("--config-file", config, "--run-stage", "random/knn")
+    assert proc.returncode == 0 and "knn convnet_tiny" in proc.stdout, proc.stderr[-2000:]
+    assert _stage_json(tmp_path / "bench", "random/knn")["finished"] != first
 
 
 @pytest.mark.skipif(not slurm_answers(), reason="no local SLURM: run `tools/local_slurm.sh install && "

@@ -66,6 +66,18 @@ EXCUSED = {
         "24 pretraining runs (87 minutes, README); tests/test_compare_distillers.py runs the same tool through its "
         "command line at toy size (three rows, one seed, a tiny teacher)",
         [("tests/test_compare_distillers.py", '"compare_distillers.py"')]),
+    "python tools/benchmark.py --config-file configs/benchmark/quickstart.yaml": (
+        "the whole graph at full quickstart size (minutes, README); tests/test_benchmark.py runs this config through "
+        "the same command line end to end at toy size, and again to show that nothing reruns",
+        [("tests/test_benchmark.py", 'BENCH / "quickstart.yaml", "OUTPUT_DIR", out, *TOY')]),
+    "python tools/benchmark.py --config-file configs/benchmark/table1_r50.yaml --slurm --partition gpu --wait": (
+        "ten ImageNet pretrainings on a GPU partition; tests/test_benchmark.py submits a benchmark graph to the local "
+        "SLURM with --slurm --wait and checks the afterok order in sacct",
+        [("tests/test_benchmark.py", '"--slurm", "--wait"')]),
+    "python tools/benchmark.py --config-file configs/benchmark/quickstart.yaml --only disco --skip coco": (
+        "the quickstart graph again, in part; tests/test_benchmark.py checks --only / --skip selection (with the "
+        "stages they need) on this config and runs the tool with --only",
+        [("tests/test_benchmark.py", '["mocov2"], ["coco", "mocov2/voc"]'), ("tests/test_benchmark.py", '"--only"')]),
     "python tools/make_data.py imagefolder OUT": (
         "a synopsis in prose; the CPU section's stand-in block runs `make_data.py imagefolder` with real arguments",
         [("README.md", "python tools/make_data.py imagefolder datasets_synth/")]),

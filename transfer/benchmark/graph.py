@@ -86,6 +86,14 @@ def build_graph(cfg) -> List[Stage]:
         stages.append(Stage("data", "data", os.path.join(out, "data"), cpus=cfg.PRETRAIN.CPUS,
                             info={"what": "write the synthetic datasets", "paths": paths}))
     runs = expand_runs(cfg)
+    from .paper import load_paper_numbers, paper_cells
+
+    numbers = load_paper_numbers()
+    for run in runs:
+        try:
+            paper_cells(run.paper, numbers)
+        except ValueError as e:
+            raise ConfigError(f"run {run.name}: PAPER: {e} (transfer/benchmark/paper_numbers.yaml)") from None
     archs: Dict[str, str] = {}
     exports: Dict[str, str] = {}
     for run in runs:
@@ -351,7 +359,3 @@ def _step_report(stage: Stage, cfg) -> None:
 
 STEPS: Dict[str, Callable] = {"data": _step_data, "export": _step_export, "convert": _step_convert,
                               "report": _step_report}
-
-
-def stage_status(stage: Stage) -> str:
-    return "done" if is_done(stage) else "todo"
