@@ -82,9 +82,11 @@ def main(argv=None) -> int:
         else:
             status = run_local(stages, selected, cfg)
             failed = failures(status, stages)
-        print(f"[benchmark] {os.path.join(out, 'results.md')}")
-        if os.path.isfile(os.path.join(out, "results.md")):
-            print(open(os.path.join(out, "results.md")).read())
+        table = os.path.join(out, "results.md")
+        print(f"[benchmark] {table}")
+        if os.path.isfile(table):
+            with open(table) as f:
+                print(f.read())
         if failed:
             print(f"error: {len(failed)} stage(s) failed: {', '.join(failed)} (their logs: <stage>/stage.log; the "
                   f"stages that need them were skipped). Fix and rerun the same command: done stages are not rerun.",

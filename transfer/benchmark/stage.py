@@ -5,17 +5,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from pretrain.checkpoint import save_atomic
+
 from .config import Run
 
-EVAL_STAGES = ("knn", "linear", "semi_1pct", "semi_10pct", "cifar10", "cifar100", "tsne")
 DETECTION_STAGES = ("voc", "coco")
-STAGE_KINDS = ("data", "pretrain", "export", *EVAL_STAGES, "convert", *DETECTION_STAGES, "report")
 
 
 @dataclass
 class Stage:
     name: str  # "data", "<run>/<kind>" or "report"
-    kind: str  # one of STAGE_KINDS
+    kind: str  # data, pretrain, export, knn, linear, semi_1pct, semi_10pct, cifar10, cifar100, tsne, convert, voc,
+    # coco or report
     out: str  # its folder (the tool's OUTPUT_DIR)
     run: Optional[Run] = None
     tool: str = ""  # a LAUNCHER_TOOLS name, or "" for the benchmark's own steps
@@ -70,12 +71,7 @@ def is_done(stage: Stage) -> bool:
     return stage.kind != "report" and read_results(stage) is not None
 
 
-
-
 def write_json(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` as JSON with :func:`pretrain.checkpoint.save_atomic` (a reader never sees half a
+    file)."""
+    save_atomic(data, path, lambda d, f: f.write(json.dumps(d, indent=1).encode()))
