@@ -55,6 +55,9 @@ _C.MODEL.TEACHER = CN()
 _C.MODEL.TEACHER.ARCH = "resnet50"  # teacher backbone name in pretrain.backbones.BACKBONES
 _C.MODEL.TEACHER.WEIGHTS = ""  # teacher checkpoint (our export, MoCo-v1/v2 .pth.tar, SwAV); needed by distillers
 _C.MODEL.TEACHER.BN_TRAIN = False  # True reproduces the official code: teacher BN uses batch stats, updates running stats
+# True reproduces the official code: the student's MoCo queue starts as the teacher checkpoint's (when it has one);
+# never on resume (the official code overwrote a resumed queue)
+_C.MODEL.TEACHER.COPY_QUEUE = False
 
 _C.LOSS = CN()  # each method part adds its node here with its weight (LOSS.DISCO.WEIGHT, LOSS.CONTRASTIVE.WEIGHT)
 

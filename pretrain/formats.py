@@ -17,7 +17,9 @@ EXPORT_FORMAT = "disco-transfer/v1"  # the "format" field of our exports (OUTPUT
 class BackboneCheckpoint:
     """A backbone read from a checkpoint: ``state_dict`` in timm key names (what ``build_backbone(arch)`` loads
     strictly), the projection head / classifier found beside it (``head``, prefix stripped; may be empty), the
-    format name, and every key deliberately left out with the reason (``skipped``)."""
+    format name, and every key deliberately left out with the reason (``skipped``). ``queue``: a MoCo checkpoint's
+    queue of keys (``{"queue": CxK, "queue_ptr": (1,)}``, also reported in ``skipped``) when the file has one, for
+    ``MODEL.TEACHER.COPY_QUEUE``; empty otherwise."""
 
     arch: str
     state_dict: Dict[str, torch.Tensor]
@@ -25,6 +27,7 @@ class BackboneCheckpoint:
     format: str
     skipped: Dict[str, str] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    queue: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Where a backbone's classifier / projection head lives in timm models (and MoCo's / DisCo-pytorch's encoder_q).
@@ -85,7 +88,7 @@ def _parse_checkpoint(ckpt, path: str) -> Tuple[str, Optional[str], Dict[str, to
             else:
                 skipped[k] = "not the student (momentum encoder, queue, ... of the pretraining run)"
         meta = {"method": method_description(cfg), "iteration": ckpt.get("iter"), "epoch": ckpt.get("epoch"),
-                "config": ckpt["cfg"]}
+                "config": ckpt["cfg"], "queue": _queue(state, "testbed.") if "model" in ckpt else {}}
         return "pretrain-checkpoint", cfg.MODEL.STUDENT.ARCH, backbone, head, skipped, meta
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -99,6 +102,7 @@ def _parse_checkpoint(ckpt, path: str) -> Tuple[str, Optional[str], Dict[str, to
         fmt = "disco-pytorch" if any("teacher" in k for k in sd) else "moco"
         prefix = "module.encoder_q." if any(k.startswith("module.encoder_q.") for k in sd) else "encoder_q."
         backbone, head = _split_encoder(sd, prefix, skipped)
+        meta["queue"] = _queue(sd, prefix[:-len("encoder_q.")])
         return fmt, arch, backbone, head, skipped, meta
     stripped = {_strip(k, "module."): v for k, v in sd.items()}
     if any(k.startswith("projection_head.") for k in stripped):  # SwAV
@@ -168,4 +172,14 @@ def read_backbone(path: str, arch: Optional[str] = None, what: str = "checkpoint
     fmt, found_arch, backbone, head, skipped, meta = _parse_checkpoint(ckpt, path)
     if arch is None:
         arch = found_arch if found_arch in BACKBONES else infer_arch(backbone)
-    return BackboneCheckpoint(arch, backbone, head, fmt, skipped, meta)
+    queue = meta.pop("queue", {})
+    return BackboneCheckpoint(arch, backbone, head, fmt, skipped, meta, queue)
+
+
+def _queue(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The MoCo queue (CxK) and its pointer under ``prefix`` (``module.`` / ``""`` in MoCo's and DisCo-pytorch's
+    .pth.tar, ``testbed.`` in our pretraining checkpoints), or {} when the file has none."""
+    queue, ptr = sd.get(prefix + "queue"), sd.get(prefix + "queue_ptr")
+    if not isinstance(queue, torch.Tensor) or queue.ndim != 2 or not isinstance(ptr, torch.Tensor):
+        return {}
+    return {"queue": queue, "queue_ptr": ptr.reshape(1).long()}

@@ -14,7 +14,7 @@ from .encoder import Encoder, build_student_encoder
 from .methods import DISTILLERS, TESTBEDS, Distiller, Testbed
 from .precision import amp_dtype, resolve_cfg
 from .safeload import load_torch
-from .teacher import load_teacher
+from .teacher import copy_teacher_queue, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ def build_method(cfg, device="cpu") -> Method:
         teacher, info = load_teacher(t.WEIGHTS, t.ARCH)
         logger.info("teacher %s from %s (%s format, head %s; ignored %d keys: %s)", t.ARCH, t.WEIGHTS,
                     info["format"], info["head"], len(info["ignored_keys"]), info["ignored_keys"][:6])
+        if t.COPY_QUEUE:
+            copy_teacher_queue(testbed, info["queue"], t.WEIGHTS)
     distillers = {cls.name: cls.from_config(cfg, student, teacher) for cls in classes}
     teacher_amp = amp_dtype(cfg.TRAIN.AMP.DTYPE if cfg.TRAIN.AMP.TEACHER else "")
     return Method(student, testbed, distillers, teacher, cfg.MODEL.TEACHER.BN_TRAIN, teacher_amp)

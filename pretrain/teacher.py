@@ -1,6 +1,9 @@
 """The frozen teacher: a pretrained backbone and the projection head it was pretrained with, from any format."""
+import logging
 import os
-from typing import List, Tuple
+from typing import Dict, List, Tuple
+
+import torch
 
 from .backbones import build_backbone, get_spec
 from .checkpoint import load_strict
@@ -8,12 +11,15 @@ from .encoder import Encoder
 from .formats import read_backbone
 from .heads import build_head, infer_head_spec
 
+logger = logging.getLogger(__name__)
+
 
 def load_teacher(path: str, arch: str) -> Tuple[Encoder, dict]:
     """Build ``arch`` and its pretrained projection head from ``path`` (any format of :func:`read_backbone`).
 
-    Returns the encoder and a description (format, ignored keys, head spec). Only the teacher's query encoder and
-    head are read: a MoCo checkpoint's queue / key encoder are reported as ignored and never touch the student.
+    Returns the encoder and a description (format, ignored keys, head spec, and ``queue``: the checkpoint's MoCo
+    queue or {}). Only the teacher's query encoder and head are loaded: a MoCo checkpoint's queue / key encoder are
+    reported as ignored; the queue reaches the student only through :func:`copy_teacher_queue`.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist (MODEL.TEACHER.WEIGHTS)")
@@ -39,7 +45,35 @@ def load_teacher(path: str, arch: str) -> Tuple[Encoder, dict]:
     head = build_head(**spec)
     load_strict(head, ckpt.head, f"teacher projection head from {head_file}")
     ignored = [k for k, why in ckpt.skipped.items() if "head" not in why]
-    return Encoder(backbone, head), {"format": ckpt.format, "ignored_keys": ignored, "head": spec}
+    return Encoder(backbone, head), {"format": ckpt.format, "ignored_keys": ignored, "head": spec,
+                                     "queue": ckpt.queue}
+
+
+def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> bool:
+    """``MODEL.TEACHER.COPY_QUEUE``: start the student's MoCo queue (and pointer) as the teacher checkpoint's, as the
+    official code does (its non-strict load of the teacher's ``module.queue`` / ``module.queue_ptr`` into the
+    student). Called when the method is built, so a resumed run's own queue, loaded afterwards, wins (the official
+    code loads the teacher after resuming and overwrites it). A file without a queue (an export, a SwAV checkpoint)
+    leaves the queue random, as the official code does, with a warning. Returns whether it copied."""
+    if not isinstance(getattr(testbed, "queue", None), torch.Tensor):
+        raise ValueError(f"MODEL.TEACHER.COPY_QUEUE True needs a testbed with a MoCo queue (METHOD.TESTBED mocov2); "
+                         f"{type(testbed).__name__} has none: set MODEL.TEACHER.COPY_QUEUE False")
+    if not queue:
+        logger.warning("MODEL.TEACHER.COPY_QUEUE: the teacher file %s has no MoCo queue (an export or a SwAV "
+                       "checkpoint keeps none), so the student's queue starts random; to copy it, pass the teacher's "
+                       "MoCo .pth.tar or its pretraining checkpoint (model_final.pth) as MODEL.TEACHER.WEIGHTS", path)
+        return False
+    q = queue["queue"]
+    if tuple(q.shape) != tuple(testbed.queue.shape):
+        raise ValueError(f"MODEL.TEACHER.COPY_QUEUE: the teacher's queue in {path} is {tuple(q.shape)} (dim x K) but "
+                         f"the student's is {tuple(testbed.queue.shape)}: set MODEL.MOCO.QUEUE_SIZE {q.shape[1]} "
+                         f"(and MODEL.STUDENT.HEAD.OUT_DIM {q.shape[0]}), or MODEL.TEACHER.COPY_QUEUE False")
+    with torch.no_grad():
+        testbed.queue.copy_(q.to(testbed.queue.dtype))
+        testbed.queue_ptr.copy_(queue["queue_ptr"].reshape(testbed.queue_ptr.shape) % q.shape[1])
+    logger.info("the student's MoCo queue starts as the teacher's (%s, pointer %d; MODEL.TEACHER.COPY_QUEUE)",
+                path, int(testbed.queue_ptr))
+    return True
 
 
 def _incomplete_head(head: dict) -> List[str]:

@@ -75,6 +75,55 @@ def test_teacher_unchanged_and_queue_not_overwritten(tmp_path, imagefolder, teac
         assert torch.equal(v, before[k]), k
 
 
+def _moco_teacher(path, queue_size=32, ptr=5):
+    """A resnet18 teacher in the official MoCo-v2 .pth.tar layout, with its queue (128 x K) and pointer."""
+    from pretrain.encoder import build_encoder
+
+    torch.manual_seed(7)
+    enc = build_encoder("resnet18", 64, 128)
+    sd = {f"module.encoder_q.{k}": v for k, v in enc.backbone.state_dict().items()}
+    sd.update({f"module.encoder_q.fc.{k}": v for k, v in enc.head.state_dict().items()})
+    sd.update({k.replace("encoder_q", "encoder_k"): v for k, v in list(sd.items())})
+    sd["module.queue"] = torch.nn.functional.normalize(torch.randn(128, queue_size), dim=0)
+    sd["module.queue_ptr"] = torch.tensor([ptr])
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd}, path)
+    return sd["module.queue"]
+
+
+def test_copy_queue_from_teacher_at_start_never_on_resume(tmp_path, imagefolder, teacher_export, caplog):
+    """MODEL.TEACHER.COPY_QUEUE (the official code): the student's queue and pointer start as the teacher
+    checkpoint's; a resumed run keeps its own queue (the official code overwrote it); bad inputs are named."""
+    teacher = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
+    tq = _moco_teacher(teacher)
+    opts = {"SOLVER.EPOCHS": 1, "MODEL.TEACHER.COPY_QUEUE": True}
+    t = Trainer(tiny_cfg(tmp_path / "run", imagefolder, teacher, **opts, **{"TRAIN.STOP_AT_ITER": 3}))
+    t.setup()
+    assert torch.equal(t.model.testbed.queue, tq) and int(t.model.testbed.queue_ptr) == 5
+    t.run()
+    saved = _final_state(tmp_path / "run")["model"]
+    assert int(saved["testbed.queue_ptr"]) == (5 + 3 * 8) % 32
+    assert torch.equal(saved["testbed.queue"][:, :5], tq[:, :5])  # the teacher's entries not yet replaced
+    assert not torch.equal(saved["testbed.queue"][:, 5:29], tq[:, 5:29])  # the student's keys
+    resumed = Trainer(tiny_cfg(tmp_path / "run", imagefolder, teacher, **opts))
+    resumed.setup()
+    resumed.resume_or_start()
+    assert torch.equal(resumed.model.testbed.queue, saved["testbed.queue"])
+    assert int(resumed.model.testbed.queue_ptr) == 29
+    # a queue of another size: an error naming the key to change
+    with pytest.raises(ValueError, match=r"MODEL.MOCO.QUEUE_SIZE 32 .*COPY_QUEUE False"):
+        Trainer(tiny_cfg(tmp_path / "k64", imagefolder, teacher, **opts, **{"MODEL.MOCO.QUEUE_SIZE": 64})).setup()
+    # a teacher file without a queue (our export): the queue stays random, with a warning saying what to pass
+    caplog.set_level("WARNING")
+    plain = Trainer(tiny_cfg(tmp_path / "export", imagefolder, teacher_export, **opts))
+    plain.setup()
+    assert "has no MoCo queue" in caplog.text and "model_final.pth" in caplog.text
+    assert not torch.equal(plain.model.testbed.queue, tq)
+    # our own pretraining checkpoint carries its queue too
+    from pretrain.formats import read_backbone
+    ck = read_backbone(str(Checkpointer(str(tmp_path / "run")).list()[-1]))
+    assert torch.equal(ck.queue["queue"], saved["testbed.queue"]) and int(ck.queue["queue_ptr"]) == 29
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, imagefolder, monkeypatch):
     real = Method.losses
     calls = {"n": 0}
