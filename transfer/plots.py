@@ -378,6 +378,25 @@ def hidden_dim_sweeps(rows: Sequence[dict], metric: str) -> Dict[str, List[tuple
     return out
 
 
+def _finish(fig, ax, handles, labels, xlabel: str, ylabel: str):
+    """Axis labels, the title ``<ylabel> vs <xlabel>``, a light grid and the legend; returns ``fig``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} vs {xlabel}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _mean_std_line(ax, pts, style: dict, **kw):
+    """``ax.errorbar`` of points ``(x, mean, std or None, ...)``: the mean with sample-std error bars (none for one
+    seed); returns the line, for the legend."""
+    yerr = [float("nan") if p[2] is None else p[2] for p in pts]
+    return ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr, capsize=3, markersize=5, linewidth=1.4,
+                       **kw, **style).lines[0]
+
+
 def hidden_dim_figure(rows: Sequence[dict], metric: str = "linear_top1"):
     """The figure of :func:`plot_hidden_dim` (a ``matplotlib.figure.Figure``), paper Figure 9: the hidden dim on a
     log2 x axis with a tick at each value present, ``metric`` on y, one line per series of :func:`hidden_dim_sweeps`
@@ -397,11 +416,7 @@ def hidden_dim_figure(rows: Sequence[dict], metric: str = "linear_top1"):
     handles, labels, any_paper = [], [], False
     for label, pts in sweeps.items():
         style = styles[label]
-        dims = [p[0] for p in pts]
-        yerr = [float("nan") if p[2] is None else p[2] for p in pts]  # one seed: no error bar
-        container = ax.errorbar(dims, [p[1] for p in pts], yerr=yerr, capsize=3, markersize=5, linewidth=1.4,
-                                **style)
-        handles.append(container.lines[0])
+        handles.append(_mean_std_line(ax, pts, style))
         labels.append(label)
         paper = [(p[0], p[4]) for p in pts if p[4] is not None]
         if paper:
@@ -417,18 +432,89 @@ def hidden_dim_figure(rows: Sequence[dict], metric: str = "linear_top1"):
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="none",
                               markeredgecolor="0.3"))
         labels.append("paper (hollow)")
-    ax.set_xlabel("hidden dim")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs hidden dim", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(handles, labels, fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, handles, labels, "hidden dim", metric)
 
 
 def plot_hidden_dim(rows: Sequence[dict], path: str, metric: str = "linear_top1") -> str:
     """The hidden-dim sweeps of ``rows`` (:func:`hidden_dim_figure`) written to the PNG ``path``; returns ``path``."""
     fig = hidden_dim_figure(rows, metric)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A study's sweep: one metric of compare_distillers cells against one override (tools/collect_studies.py)
+#
+# ``series``: ``{label: [(x, mean, std or None, n, per-seed values), ...]}`` (transfer.study.sweep_points);
+# ``baselines``: ``{label: (mean, std or None)}``.
+
+
+def is_power_of_two_grid(xs: Sequence[float]) -> bool:
+    """True when every x is positive and every ratio between them is a power of two (1, 2, 4, 0.5, ...): such a
+    sweep reads best on a log2 axis."""
+    import math
+
+    xs = [float(x) for x in xs]
+    if not xs or any(not math.isfinite(x) or x <= 0 for x in xs):
+        return False
+    lo = min(xs)
+    return all(abs(math.log2(x / lo) - round(math.log2(x / lo))) < 1e-9 for x in xs)
+
+
+def sweep_figure(series: Dict[str, List[tuple]], key: str, baselines: Dict[str, tuple] = None,
+                 metric_label: str = "linear top-1 (%)"):
+    """The figure of :func:`plot_sweep` (a ``matplotlib.figure.Figure``): ``key`` on x with a tick at each value
+    present (a log2 axis when :func:`is_power_of_two_grid`), ``metric_label`` on y, one line per series (mean over
+    seeds with sample-std error bars, none with one seed; colour, line style and marker of :func:`run_styles`), each
+    seed's value as a small dot of the series' colour (one legend entry for all); every baseline a dashed horizontal
+    line at its mean with a shaded +-std band, in a colour after the series'. ValueError when no series has a
+    point."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+
+    series = {label: list(pts) for label, pts in series.items() if pts}
+    if not series:
+        raise ValueError(f"no point to plot against {key}: every series is empty")
+    baselines = dict(baselines or {})
+    styles = run_styles(list(series) + [b for b in baselines if b not in series])
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    handles, labels, any_seed = [], [], False
+    for label, pts in series.items():
+        style = styles[label]
+        handles.append(_mean_std_line(ax, pts, style, zorder=3))
+        labels.append(label)
+        seeds = [(p[0], v) for p in pts for v in p[4]]
+        if seeds:
+            ax.scatter(*zip(*seeds), s=14, color=style["color"], alpha=0.6, linewidths=0, zorder=4)
+            any_seed = True
+    for label, (mean, std) in baselines.items():
+        color = styles[label]["color"]
+        handles.append(ax.axhline(mean, color=color, linestyle="--", linewidth=1.2, zorder=2))
+        labels.append(label)
+        if std is not None:
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.15, linewidth=0, zorder=1)
+    if any_seed:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=4, color="0.4", alpha=0.6))
+        labels.append("one seed (dots)")
+    xs = sorted({p[0] for pts in series.values() for p in pts})
+    if is_power_of_two_grid(xs):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+    if len(xs) == 1:  # matplotlib would widen a single x by +-5 % (a factor of 2 either way on the log axis)
+        ax.set_xlim(*((xs[0] / 2, xs[0] * 2) if ax.get_xscale() == "log" else (xs[0] - 1, xs[0] + 1)))
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:g}" for x in xs])
+    return _finish(fig, ax, handles, labels, key, metric_label)
+
+
+def plot_sweep(series: Dict[str, List[tuple]], path: str, key: str, baselines: Dict[str, tuple] = None,
+               metric_label: str = "linear top-1 (%)") -> str:
+    """The sweep of ``series`` against ``key`` with ``baselines`` (:func:`sweep_figure`) written to the PNG ``path``;
+    returns ``path``."""
+    fig = sweep_figure(series, key, baselines, metric_label)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
