@@ -18,7 +18,7 @@ from . import distributed as du
 from .cfgdiff import check_resume, record_changes
 from .cfgnode import CfgNode, save_cfg
 from .checkpoint import Checkpointer, remove_orphaned_temp_files
-from .config import OLD_METHODS, SAFE_ON_RESUME
+from .config import SAFE_ON_RESUME, current_form
 from .loader import build_train_loader
 from .engine import train_step
 from .export import export_student
@@ -204,7 +204,7 @@ class Trainer:
             # a key left to "auto" may resolve otherwise than in the checkpoint on other hardware (a bf16 run
             # continued on a CPU without native bf16): allowed, since auto asks for this machine's choice, and recorded
             # in config_changes.jsonl; a value set explicitly that differs still stops the resume
-            changes = check_resume(_current_form(state["cfg"]), self.cfg, SAFE_ON_RESUME + tuple(self.auto_keys),
+            changes = check_resume(current_form(state["cfg"]), self.cfg, SAFE_ON_RESUME + tuple(self.auto_keys),
                                    "TRAIN.RESUME_CHANGED_CONFIG", path)
             self.load_state_dict(state)
             logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iter,
@@ -316,14 +316,3 @@ def _model_state_from_v1(state: dict, cfg: CfgNode) -> dict:
     for k, v in state["student"].items():
         out[("student." + k[len("encoder_q."):]) if k.startswith("encoder_q.") else f"testbed.{k}"] = v
     return out
-
-
-def _current_form(saved: str) -> str:
-    """A checkpoint's config dump in today's keys: ``METHOD: disco`` / ``moco`` of earlier versions becomes
-    ``METHOD.TESTBED mocov2`` + ``METHOD.DISTILLERS [disco]`` / ``[]`` (the same run)."""
-    cfg = CfgNode.load_cfg(saved)
-    if isinstance(cfg.get("METHOD"), str):
-        cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[cfg.METHOD]})
-    if isinstance(cfg.get("DATA"), dict) and "BACKEND" not in cfg.DATA:
-        cfg.DATA.BACKEND = "torchvision"  # written before DATA.BACKEND existed: the torchvision path ran
-    return cfg.dump()

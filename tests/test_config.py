@@ -6,6 +6,8 @@ import pytest
 from pretrain.cfgnode import DuplicateKeyError
 from pretrain.config import get_cfg, setup_cfg
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -81,3 +83,22 @@ def test_shipped_configs_load(path):
     assert cfg.MODEL.STUDENT.ARCH in BACKBONES and cfg.MODEL.TEACHER.ARCH in BACKBONES
     if "disco" in cfg.METHOD.DISTILLERS:
         assert cfg.MODEL.TEACHER.WEIGHTS and cfg.MODEL.STUDENT.HEAD.OUT_DIM == 128
+
+
+def test_checkpoints_from_before_a_key_existed_resume_under_its_default():
+    """A config dump written before DATA.BACKEND / MODEL.TEACHER.COPY_QUEUE existed is the run of their defaults:
+    current_form fills them, so check_resume finds no change; another value is still a change."""
+    from pretrain.cfgdiff import check_resume
+    from pretrain.config import SAFE_ON_RESUME, current_form
+
+    cfg = setup_cfg(os.path.join(CONFIGS, "quickstart.yaml"), [])
+    old = cfg.clone()
+    old.defrost()
+    del old.DATA["BACKEND"]
+    del old.MODEL.TEACHER["COPY_QUEUE"]
+    with pytest.raises(ValueError, match="COPY_QUEUE"):
+        check_resume(old.dump(), cfg, SAFE_ON_RESUME, "TRAIN.RESUME_CHANGED_CONFIG", "ckpt")
+    assert check_resume(current_form(old.dump()), cfg, SAFE_ON_RESUME, "TRAIN.RESUME_CHANGED_CONFIG", "ckpt") == {}
+    copying = setup_cfg(os.path.join(CONFIGS, "quickstart.yaml"), ["MODEL.TEACHER.COPY_QUEUE", "True"])
+    with pytest.raises(ValueError, match="MODEL.TEACHER.COPY_QUEUE: False in the checkpoint, True now"):
+        check_resume(current_form(old.dump()), copying, SAFE_ON_RESUME, "TRAIN.RESUME_CHANGED_CONFIG", "ckpt")

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from pretrain.cli import HelpFormatter, LauncherParser  # noqa: E402
 from pretrain.cfgdiff import check_resume  # noqa: E402
 from pretrain.cfgnode import cfg_value  # noqa: E402
-from pretrain.config import SAFE_ON_RESUME, setup_cfg  # noqa: E402
+from pretrain.config import SAFE_ON_RESUME, current_form, setup_cfg  # noqa: E402
 from pretrain.export import load_exported_backbone  # noqa: E402
 from pretrain.knn import KnnData, knn_evaluate  # noqa: E402
 from pretrain.precision import AUTO_KEYS  # noqa: E402
@@ -138,8 +138,8 @@ def train_runs(cfgs: dict, jobs: int) -> dict:
         else:  # finished, but only counts with this config: refuse other values of keys that matter, as a resume
             # does (keys left to "auto" may have resolved to either value, as on a resume)
             auto = tuple(k for k in AUTO_KEYS if cfg_value(cfg, k) == "auto")
-            check_resume(load_exported_backbone(export_path(cfg))[1]["config"], cfg, SAFE_ON_RESUME + auto,
-                         "TRAIN.RESUME_CHANGED_CONFIG", export_path(cfg))
+            saved = current_form(load_exported_backbone(export_path(cfg))[1]["config"])
+            check_resume(saved, cfg, SAFE_ON_RESUME + auto, "TRAIN.RESUME_CHANGED_CONFIG", export_path(cfg))
     print(f"[compare] {len(todo)} run(s) to train, {len(cfgs) - len(todo)} already exported (not retrained)",
           flush=True)
     minutes, failed = {}, []
