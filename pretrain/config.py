@@ -25,17 +25,17 @@ def current_form(saved: str) -> str:
     """A checkpoint's config dump in today's keys, to compare with the config it resumes under: ``METHOD: disco`` /
     ``moco`` of earlier versions becomes ``METHOD.TESTBED mocov2`` + ``METHOD.DISTILLERS [disco]`` / ``[]`` (the
     same run), and a key of :data:`ADDED_KEYS` it lacks gets the value that reproduces what it ran."""
-    cfg = CfgNode.load_cfg(saved)
-    if isinstance(cfg.get("METHOD"), str):
-        cfg.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[cfg.METHOD]})
+    old = CfgNode.load_cfg(saved)
+    if isinstance(old.get("METHOD"), str):
+        old.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[old.METHOD]})
     for key, value in ADDED_KEYS.items():
         *parents, leaf = key.split(".")
-        node = cfg
+        node = old
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf not in node:
             node[leaf] = value
-    return cfg.dump()
+    return old.dump()
 
 
 def _refuse_old_method(value, where: str) -> None:

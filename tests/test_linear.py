@@ -111,6 +111,23 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, imagefolder, t
         pytest.approx([0.5, 0.05, 0.005])
 
 
+def test_resume_with_another_lr_is_refused_unless_asked(tmp_path, imagefolder, teacher_export):
+    """A finished classifier is not silently reported again under another config (it was, with a lower lr): the
+    error names the key and both values; SOLVER.RESUME_CHANGED_CONFIG continues and records the change; keys that
+    only change how the run is watched (TEST.*, workers) resume freely."""
+    out = tmp_path / "probe"
+    done = LinearEvaluator(cfg_of(out, imagefolder, teacher_export)).run()
+    again = LinearEvaluator(cfg_of(out, imagefolder, teacher_export, **{"TEST.IMS_PER_BATCH": 8})).run()
+    assert again["top1"] == done["top1"]
+    with pytest.raises(ValueError, match=r"SOLVER.BASE_LR: 0.5 in the checkpoint, 0.05 now(.|\n)*"
+                                         r"SOLVER.RESUME_CHANGED_CONFIG True"):
+        LinearEvaluator(cfg_of(out, imagefolder, teacher_export, **{"SOLVER.BASE_LR": 0.05})).run()
+    LinearEvaluator(cfg_of(out, imagefolder, teacher_export, **{"SOLVER.BASE_LR": 0.05,
+                                                                 "SOLVER.RESUME_CHANGED_CONFIG": True})).run()
+    changes = [json.loads(x) for x in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["changes"]["SOLVER.BASE_LR"] == ["0.5", "0.05"]
+
+
 def test_strict_loading_names_missing_keys(tmp_path, teacher_export):
     ckpt = torch.load(teacher_export, weights_only=False)
     del ckpt["state_dict"]["layer4.1.bn2.running_var"]

@@ -50,6 +50,7 @@ _C.SOLVER.CACHE_FEATURES = False  # extract frozen features once and train on th
 _C.SOLVER.STOP_AT_EPOCH = -1  # stop cleanly (checkpoint written) after this many epochs; -1 = run to the end
 _C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs between checkpoints (also after the last epoch and at STOP_AT_EPOCH)
 _C.SOLVER.MAX_TO_KEEP = 2  # newest per-epoch checkpoints kept in OUTPUT_DIR/checkpoints
+_C.SOLVER.RESUME_CHANGED_CONFIG = False  # True: continue a checkpoint whose config differs in a key that matters
 
 _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0  # epochs between evaluations on the validation set during training (0 = only at the end)
@@ -82,6 +83,13 @@ _C.TSNE.COMPARE_ARCHS = ()  # their architectures, in the same order ("" or abse
 
 DATASETS = ("imagefolder", "cifar10", "cifar100")
 KD_REDUCTIONS = ("batchmean", "mean")  # = pretrain.losses.kd.KD_REDUCTIONS
+
+
+# keys a resumed classifier may change without becoming another run: how it is run, watched or stored, what it
+# reports; MODEL.WEIGHTS and KD.* are compared by the evaluator itself (a warning names the change)
+SAFE_ON_RESUME = ("OUTPUT_DIR", "DATA.NAME", "DATA.NUM_WORKERS", "SOLVER.STOP_AT_EPOCH", "SOLVER.CHECKPOINT_PERIOD",
+                  "SOLVER.MAX_TO_KEEP", "SOLVER.RESUME_CHANGED_CONFIG", "TEST", "MODEL.WEIGHTS", "KD", "INFO_PLANE",
+                  "KNN", "TSNE")
 
 
 def get_eval_cfg() -> CfgNode:

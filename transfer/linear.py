@@ -60,6 +60,7 @@ import yaml
 
 from pretrain import distributed as du
 from pretrain.backbones import build_backbone, get_spec
+from pretrain.cfgdiff import check_resume, flatten, record_changes
 from pretrain.checkpoint import Checkpointer, load_strict, verify_checkpoint
 from pretrain.data import balanced_sample
 from pretrain.formats import read_backbone
@@ -72,7 +73,7 @@ from pretrain.safeload import load_torch
 
 from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
                      end_run, freeze, load_backbone, start_run, topk_correct, train_transform)
-from .config import CfgNode, setup_eval_cfg
+from .config import SAFE_ON_RESUME, CfgNode, setup_eval_cfg
 from .infoplane import info_plane_record
 
 logger = logging.getLogger("transfer")
@@ -142,6 +143,13 @@ def _saved_cfg(state: dict) -> dict:
     except yaml.YAMLError:
         return {}
     return out if isinstance(out, dict) else {}
+
+
+def _absent_keys(saved: dict, cfg: CfgNode) -> Tuple[str, ...]:
+    """The keys of ``cfg`` that a checkpoint's config ``saved`` does not have: written before they existed, so not
+    compared on resume."""
+    have = flatten(saved)
+    return tuple(k for k in flatten(cfg) if k not in have)
 
 
 class TeacherClassifier(nn.Module):
@@ -306,6 +314,11 @@ class LinearEvaluator:
             raise ValueError(f"{path} is a classifier for {theirs[0]} ({theirs[2]}-d features, {theirs[1]} classes), "
                              f"not {self.arch} ({self.feature_dim}-d, {self.num_classes} classes); use another "
                              f"OUTPUT_DIR")
+        changes = {}
+        if state.get("cfg"):  # a key the checkpoint's config predates is not compared (it ran that key's default)
+            saved = CfgNode.load_cfg(state["cfg"])
+            changes = check_resume(saved.dump(), self.cfg, SAFE_ON_RESUME + _absent_keys(saved, self.cfg),
+                                   "SOLVER.RESUME_CHANGED_CONFIG", path)
         if state["weights"] != self.info["weights"]:
             logger.warning("%s was trained on the features of %s, now evaluating %s", path, state["weights"],
                            self.info["weights"])
@@ -321,6 +334,7 @@ class LinearEvaluator:
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         if self.rank == 0:
             truncate_metrics(self.cfg.OUTPUT_DIR, "epoch", self.epoch)
+            record_changes(self.cfg.OUTPUT_DIR, self.epoch, changes)
 
     # ------------------------------------------------------------------------------------------------------------
     def _build_cache(self, splits: Sequence[str]) -> None:
