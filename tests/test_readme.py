@@ -62,7 +62,7 @@ EXCUSED = {
                                      [(".ci/run", "tools/local_slurm.sh install")]),
     "tools/local_slurm.sh start": ("starts the SLURM daemons as root; .ci/run runs it (the --slurm tests skip "
                                    "without it)", [(".ci/run", "tools/local_slurm.sh start")]),
-    "python tools/compare_distillers.py --output-dir runs/compare --seeds 0 1 2": (
+    "python tools/compare_distillers.py --output-dir runs/compare LOSS.DISCO.WEIGHT 32 --seeds 0 1 2": (
         "24 pretraining runs (87 minutes, README); tests/test_compare_distillers.py runs the same tool through its "
         "command line at toy size (three rows, one seed, a tiny teacher)",
         [("tests/test_compare_distillers.py", '"compare_distillers.py"')]),
