@@ -114,11 +114,14 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, imagefolder, t
 def test_resume_with_another_lr_is_refused_unless_asked(tmp_path, imagefolder, teacher_export):
     """A finished classifier is not silently reported again under another config (it was, with a lower lr): the
     error names the key and both values; SOLVER.RESUME_CHANGED_CONFIG continues and records the change; keys that
-    only change how the run is watched (TEST.*, workers) resume freely."""
+    only change how the run is watched (TEST.*, workers) or what it is evaluated on (DATA.VAL_DIR) resume freely."""
     out = tmp_path / "probe"
     done = LinearEvaluator(cfg_of(out, imagefolder, teacher_export)).run()
     again = LinearEvaluator(cfg_of(out, imagefolder, teacher_export, **{"TEST.IMS_PER_BATCH": 8})).run()
     assert again["top1"] == done["top1"]
+    other_split = LinearEvaluator(cfg_of(out, imagefolder, teacher_export,
+                                         **{"DATA.VAL_DIR": imagefolder / "train"})).run()  # a new report
+    assert other_split["epochs"] == done["epochs"]
     with pytest.raises(ValueError, match=r"SOLVER.BASE_LR: 0.5 in the checkpoint, 0.05 now(.|\n)*"
                                          r"SOLVER.RESUME_CHANGED_CONFIG True"):
         LinearEvaluator(cfg_of(out, imagefolder, teacher_export, **{"SOLVER.BASE_LR": 0.05})).run()

@@ -85,11 +85,13 @@ DATASETS = ("imagefolder", "cifar10", "cifar100")
 KD_REDUCTIONS = ("batchmean", "mean")  # = pretrain.losses.kd.KD_REDUCTIONS
 
 
-# keys a resumed classifier may change without becoming another run: how it is run, watched or stored, what it
-# reports; MODEL.WEIGHTS and KD.* are compared by the evaluator itself (a warning names the change)
-SAFE_ON_RESUME = ("OUTPUT_DIR", "DATA.NAME", "DATA.NUM_WORKERS", "SOLVER.STOP_AT_EPOCH", "SOLVER.CHECKPOINT_PERIOD",
-                  "SOLVER.MAX_TO_KEEP", "SOLVER.RESUME_CHANGED_CONFIG", "TEST", "MODEL.WEIGHTS", "KD", "INFO_PLANE",
-                  "KNN", "TSNE")
+# keys a resumed classifier may change without becoming another run: how it is run, watched or stored, and what
+# it is evaluated on (the evaluation runs under the current config: --eval-only on another split is a new report,
+# not a mix); MODEL.ARCH, MODEL.WEIGHTS and KD.* are compared by the evaluator itself (an error / a warning)
+SAFE_ON_RESUME = ("OUTPUT_DIR", "DATA.NAME", "DATA.NUM_WORKERS", "DATA.VAL_DIR", "DATA.VAL_RESIZE",
+                  "SOLVER.STOP_AT_EPOCH", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.MAX_TO_KEEP",
+                  "SOLVER.RESUME_CHANGED_CONFIG", "TEST", "MODEL.ARCH", "MODEL.WEIGHTS", "KD", "INFO_PLANE", "KNN",
+                  "TSNE")
 
 
 def get_eval_cfg() -> CfgNode:
