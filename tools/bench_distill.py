@@ -17,7 +17,8 @@ reference      the official DisCo-pytorch step: fp32, teacher BN in train mode, 
 ours-*         pretrain.engine.train_step on pretrain.model.Method (mocov2 + disco): the teacher first (eval mode,
                one forward over both views, no second copy), then one student view at a time. ``fp32``: no
                autocast; ``bf16``: bf16 autocast for student and teacher (the teacher's weights stored in bf16);
-               ``-cl``: the channels_last layout.
+               ``-cl``: the channels_last layout; ``-bntrain``: the teacher's BN in train mode (one forward per
+               view), as the official code and the configs that name a paper row (MODEL.TEACHER.BN_TRAIN True).
 auto           what the config default (TRAIN.AMP.ENABLED / TEACHER and MODEL.CHANNELS_LAST ``auto``) picks on this
                device, by pretrain.precision.resolve_auto: one of the ours-* variants, whose measurement it shows.
 auto + compile ``--compile`` only: the auto variant with TRAIN.COMPILE (pretrain.model.Method.compile_encoders:
@@ -63,6 +64,8 @@ VARIANTS = {
     "ours-fp32-cl": (False, False, True, "ours fp32 + channels_last"),
     "ours-bf16": (True, True, False, "ours bf16 (student + teacher)"),
     "ours-bf16-cl": (True, True, True, "ours bf16 + channels_last"),
+    # what the paper-row configs run on a CPU (Base-DisCo.yaml: fp32, teacher BN in train mode, channels_last auto)
+    "ours-fp32-cl-bntrain": (False, False, True, "ours fp32 + cl, teacher BN train"),
 }
 
 
@@ -138,9 +141,9 @@ def reference_step_fn(teacher_arch, student_arch, queue_size, device):
 
 
 def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, teacher_bf16, channels_last,
-                 compile=False):
+                 compile=False, bn_train=False):
     """(step(view1, view2), {part: bytes}) of pretrain.engine.train_step on the DisCo Method; ``compile``: with
-    TRAIN.COMPILE's Method.compile_encoders (the first step compiles)."""
+    TRAIN.COMPILE's Method.compile_encoders (the first step compiles); ``bn_train``: MODEL.TEACHER.BN_TRAIN."""
     from pretrain.distillers.disco import DisCo
     from pretrain.encoder import build_encoder
     from pretrain.engine import train_step
@@ -149,7 +152,7 @@ def ours_step_fn(teacher_arch, student_arch, queue_size, device, student_bf16, t
 
     student = build_encoder(student_arch, 2048, 128)
     testbed = MoCoV2(student, queue_size, 0.999)
-    model = Method(student, testbed, {"disco": DisCo(32.0)}, build_encoder(teacher_arch, 2048, 128),
+    model = Method(student, testbed, {"disco": DisCo(32.0)}, build_encoder(teacher_arch, 2048, 128), bn_train,
                    teacher_amp_dtype=torch.bfloat16 if teacher_bf16 else None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -183,7 +186,8 @@ def measure(args) -> dict:
         step, parts = reference_step_fn(teacher, student, args.queue, device)
     else:
         s_bf16, t_bf16, cl, _ = VARIANTS[args.variant]
-        step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl, args.compile)
+        step, parts = ours_step_fn(teacher, student, args.queue, device, s_bf16, t_bf16, cl, args.compile,
+                                   bn_train=args.variant.endswith("-bntrain"))
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
     parts["input views"] = 2 * _nbytes(views[0])
     dt, first_s, loss = time_steps(step, views, args.warmup, args.steps, device)
