@@ -49,12 +49,12 @@ def load_teacher(path: str, arch: str) -> Tuple[Encoder, dict]:
                                      "queue": ckpt.queue}
 
 
-def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> bool:
+def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> None:
     """``MODEL.TEACHER.COPY_QUEUE``: start the student's MoCo queue (and pointer) as the teacher checkpoint's, as the
     official code does (its non-strict load of the teacher's ``module.queue`` / ``module.queue_ptr`` into the
     student). Called when the method is built, so a resumed run's own queue, loaded afterwards, wins (the official
     code loads the teacher after resuming and overwrites it). A file without a queue (an export, a SwAV checkpoint)
-    leaves the queue random, as the official code does, with a warning. Returns whether it copied."""
+    leaves the queue random, as the official code does, with a warning."""
     if not isinstance(getattr(testbed, "queue", None), torch.Tensor):
         raise ValueError(f"MODEL.TEACHER.COPY_QUEUE True needs a testbed with a MoCo queue (METHOD.TESTBED mocov2); "
                          f"{type(testbed).__name__} has none: set MODEL.TEACHER.COPY_QUEUE False")
@@ -62,7 +62,7 @@ def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> bo
         logger.warning("MODEL.TEACHER.COPY_QUEUE: the teacher file %s has no MoCo queue (an export or a SwAV "
                        "checkpoint keeps none), so the student's queue starts random; to copy it, pass the teacher's "
                        "MoCo .pth.tar or its pretraining checkpoint (model_final.pth) as MODEL.TEACHER.WEIGHTS", path)
-        return False
+        return
     q = queue["queue"]
     if tuple(q.shape) != tuple(testbed.queue.shape):
         raise ValueError(f"MODEL.TEACHER.COPY_QUEUE: the teacher's queue in {path} is {tuple(q.shape)} (dim x K) but "
@@ -73,7 +73,6 @@ def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> bo
         testbed.queue_ptr.copy_(queue["queue_ptr"].reshape(testbed.queue_ptr.shape) % q.shape[1])
     logger.info("the student's MoCo queue starts as the teacher's (%s, pointer %d; MODEL.TEACHER.COPY_QUEUE)",
                 path, int(testbed.queue_ptr))
-    return True
 
 
 def _incomplete_head(head: dict) -> List[str]:

@@ -2,10 +2,9 @@
 markdown table and sweep plots -- the rows read from results.json (per-seed values in seed order), the table's
 mean +- std, which cells make a sweep (the no-override cell at --default, a duplicate x refused), the error for a
 folder without results.json, and the CLI end to end (table file and both PNGs)."""
-import ast
+import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -22,23 +21,16 @@ TOOL = os.path.join(ROOT, "tools", "collect_studies.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _compare_distillers_summarize():
-    """compare_distillers' own ``summarize`` (with ``mean_std`` and the ROWS it needs), taken from its source: the
-    results.json written here has exactly its summary format, without importing the tool (it imports torch and the
-    trainer, seconds on a small CPU)."""
-    path = os.path.join(ROOT, "tools", "compare_distillers.py")
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    wanted = {"METHODS", "KD_ROWS", "ROWS", "METRICS", "mean_std", "summarize"}
-    body = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name in wanted) or (
-        isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id in wanted for t in n.targets))]
-    assert len(body) == len(wanted), "compare_distillers.py no longer defines " + ", ".join(sorted(wanted))
-    namespace = {"statistics": statistics}
-    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
-    return namespace["summarize"]
+def _compare_distillers():
+    """tools/compare_distillers.py as a module: the results.json written here is made with its own ``summarize``."""
+    spec = importlib.util.spec_from_file_location("tool_compare_distillers", os.path.join(ROOT, "tools",
+                                                                                          "compare_distillers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-SUMMARIZE = _compare_distillers_summarize()
+SUMMARIZE = _compare_distillers().summarize
 
 
 def write_cell(folder, overrides, values, teacher=(38.6, 70.6)):

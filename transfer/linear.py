@@ -316,8 +316,7 @@ class LinearEvaluator:
                              f"OUTPUT_DIR")
         changes = {}
         if state.get("cfg"):  # a key the checkpoint's config predates is not compared (it ran that key's default)
-            saved = CfgNode.load_cfg(state["cfg"])
-            changes = check_resume(saved.dump(), self.cfg, SAFE_ON_RESUME + _absent_keys(saved, self.cfg),
+            changes = check_resume(state["cfg"], self.cfg, SAFE_ON_RESUME + _absent_keys(_saved_cfg(state), self.cfg),
                                    "SOLVER.RESUME_CHANGED_CONFIG", path)
         if state["weights"] != self.info["weights"]:
             logger.warning("%s was trained on the features of %s, now evaluating %s", path, state["weights"],
