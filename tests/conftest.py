@@ -52,3 +52,14 @@ def teacher_export(tmp_path_factory):
     enc = build_encoder("resnet18", 64, 128)
     out = tmp_path_factory.mktemp("teacher")
     return export_encoder(enc, "resnet18", str(out), "resnet18", {"method": "moco"})["backbone"]
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (its __main__ block does not run): its functions, without a subprocess."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

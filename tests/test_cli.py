@@ -1,6 +1,5 @@
 """The command line of the tools (pretrain.cli): flags anywhere among the KEY VALUE overrides, help that is true for
 each tool and comes back without importing torch, and a user's mistake as one ``error:`` line (exit status 2)."""
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from pretrain.cli import TOOLS, failed_output_note, user_error_message
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ["pretrain", "train_net", "eval_linear", "eval_knn", "tsne"]
@@ -21,10 +21,7 @@ ALL_TOOLS = LAUNCHERS + ["convert_to_d2", "make_data"]
 
 def _tool(name: str) -> types.ModuleType:
     """tools/<name>.py as a module (its __main__ block does not run)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _run(*argv, timeout=300) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """Teacher health and the chance-level monitor (pretrain/health.py): the numbers on known cases, a deliberately
 collapsed teacher warned about (log line, WARNING, metrics.jsonl record) and a healthy one not, the run unchanged by
 the check, InfoNCE pinned at ln(K + 1) warned about and a decreasing one not, and tools/teacher_health.py."""
-import importlib.util
 import json
 import logging
 import math
@@ -14,7 +13,7 @@ import types
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import load_tool, tiny_cfg
 from pretrain.checkpoint import Checkpointer
 from pretrain.data import ImageFolder, eval_transform
 from pretrain.encoder import build_encoder
@@ -232,11 +231,7 @@ def test_cli_prints_the_numbers_and_the_verdict(imagefolder, teachers, capsys):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tool_teacher_health", os.path.join(ROOT, "tools",
-                                                                                        "teacher_health.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("teacher_health")
 
 
 def test_cli_help_imports_no_torch():

@@ -1,13 +1,12 @@
 """Precision and layout chosen for the hardware (issue 16): the True / False / auto config keys, what ``auto`` resolves
 to, the Trainer's resolved config.yaml and resumes, and the benchmark's peak / MFU formatting."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import load_tool, tiny_cfg
 from pretrain import precision
 from pretrain.cfgnode import CfgNode, ConfigError
 from pretrain.checkpoint import Checkpointer
@@ -226,10 +225,7 @@ def test_float16_set_explicitly_still_needs_a_gpu(tmp_path, imagefolder):
 # ------------------------------------------------------------------------------------------------------- benchmark
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tool_bench_distill", ROOT / "tools" / "bench_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_distill")
 
 
 def test_bench_uses_the_one_native_bf16_check(bench):

@@ -2,7 +2,6 @@
 markdown table and sweep plots -- the rows read from results.json (per-seed values in seed order), the table's
 mean +- std, which cells make a sweep (the no-override cell at --default, a duplicate x refused), the error for a
 folder without results.json, and the CLI end to end (table file and both PNGs)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,22 +14,14 @@ matplotlib.use("Agg")
 
 from transfer.plots import is_power_of_two_grid, sweep_figure  # noqa: E402
 from transfer.study import load_cells, markdown, sweep_points  # noqa: E402
+from conftest import load_tool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "collect_studies.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _compare_distillers():
-    """tools/compare_distillers.py as a module: the results.json written here is made with its own ``summarize``."""
-    spec = importlib.util.spec_from_file_location("tool_compare_distillers", os.path.join(ROOT, "tools",
-                                                                                          "compare_distillers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SUMMARIZE = _compare_distillers().summarize
+SUMMARIZE = load_tool("compare_distillers").summarize  # results.json is made with the tool's own summarize
 
 
 def write_cell(folder, overrides, values, teacher=(38.6, 70.6)):

@@ -12,6 +12,7 @@ from torchvision.datasets import ImageFolder
 
 from pretrain import synthetic
 from pretrain.synthetic import DatasetMismatchError, write_imagefolder
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough that every write takes well under a second.
@@ -551,10 +552,7 @@ def test_detection_deterministic_and_refusal(tmp_path: Path, writer, counts, ima
 
 
 def test_cli_more_layouts(tmp_path: Path, small_dataset: Path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_data_cli", REPO / "tools" / "make_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("make_data")
 
     assert cli.main(["cifar", str(tmp_path / "c"), "--num-classes", "3", "--train-per-class", "2",
                      "--test-per-class", "1"]) == 0
