@@ -17,25 +17,31 @@ from .precision import AUTO_KEYS
 
 # METHOD of earlier versions -> the METHOD.DISTILLERS that replace it (the testbed was always mocov2)
 OLD_METHODS = {"disco": ["disco"], "moco": []}
-# keys added after checkpoints were written without them -> the value that does what those runs did
-ADDED_KEYS = {"DATA.BACKEND": "torchvision", "MODEL.TEACHER.COPY_QUEUE": False}
+# Keys added after checkpoints were written without them take their default when such a checkpoint is resumed or
+# compared (current_form): a new key's default always does what runs before it did. A key whose default does not
+# must be listed here with the value that reproduces those runs.
+ADDED_KEYS = {}
 
 
 def current_form(saved: str) -> str:
     """A checkpoint's config dump in today's keys, to compare with the config it resumes under: ``METHOD: disco`` /
     ``moco`` of earlier versions becomes ``METHOD.TESTBED mocov2`` + ``METHOD.DISTILLERS [disco]`` / ``[]`` (the
-    same run), and a key of :data:`ADDED_KEYS` it lacks gets the value that reproduces what it ran."""
+    same run), and every key it lacks (added since it was written) gets :data:`ADDED_KEYS`' value, else the
+    default: the value that reproduces what it ran."""
     old = CfgNode.load_cfg(saved)
     if isinstance(old.get("METHOD"), str):
         old.METHOD = CfgNode({"TESTBED": "mocov2", "DISTILLERS": OLD_METHODS[old.METHOD]})
-    for key, value in ADDED_KEYS.items():
-        *parents, leaf = key.split(".")
-        node = old
-        for name in parents:
-            node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf not in node:
-            node[leaf] = value
+    _fill_absent(old, get_cfg(), "")
     return old.dump()
+
+
+def _fill_absent(node, defaults, prefix: str) -> None:
+    for key, value in defaults.items():
+        name = prefix + key
+        if key not in node:
+            node[key] = ADDED_KEYS.get(name, value.clone() if isinstance(value, CfgNode) else value)
+        elif isinstance(value, dict) and isinstance(node[key], dict):
+            _fill_absent(node[key], value, name + ".")
 
 
 def _refuse_old_method(value, where: str) -> None:
@@ -69,6 +75,10 @@ _C.MODEL.STUDENT.HEAD.NUM_LAYERS = 2  # linear layers in the projection MLP (ReL
 _C.MODEL.STUDENT.HEAD.HIDDEN_DIM = 2048  # DisCo's widened hidden layer ("distilling bottleneck"); MoCo-v2 uses D
 _C.MODEL.STUDENT.HEAD.OUT_DIM = 128  # embedding dim; must equal the teacher head's output dim for DisCo
 _C.MODEL.STUDENT.HEAD.BN = False  # BatchNorm1d after each hidden linear layer (SwAV-style); MoCo-v2 has none
+_C.MODEL.STUDENT.HEAD.ACT = "relu"  # activation between the head's layers: relu (MoCo, SwAV) | gelu (DINO's head)
+_C.set_choices("MODEL.STUDENT.HEAD.ACT", ("relu", "gelu"))
+_C.MODEL.STUDENT.DROP_PATH = 0.0  # stochastic depth rate of a transformer student (timm drop_path_rate; DINO: 0.1)
+_C.MODEL.STUDENT.SYNC_BN = False  # SyncBatchNorm across processes for the student (SwAV); per-process BN otherwise
 
 _C.MODEL.TEACHER = CN()
 _C.MODEL.TEACHER.ARCH = "resnet50"  # teacher backbone name in pretrain.backbones.BACKBONES
@@ -77,6 +87,10 @@ _C.MODEL.TEACHER.BN_TRAIN = False  # True reproduces the official code: teacher 
 # True reproduces the official code: the student's MoCo queue starts as the teacher checkpoint's (when it has one);
 # never on resume (the official code overwrote a resumed queue)
 _C.MODEL.TEACHER.COPY_QUEUE = False
+# the teacher's embedding is L2-normalised (DisCo on MoCo-v2). False reproduces the official SwAV + DisCo script,
+# whose teacher is built without SwAV's normalize=True: its raw 128-d projection is the target of the student's
+# normalised embedding
+_C.MODEL.TEACHER.NORMALIZE = True
 
 _C.LOSS = CN()  # each method part adds its node here with its weight (LOSS.DISCO.WEIGHT, LOSS.CONTRASTIVE.WEIGHT)
 
@@ -92,6 +106,15 @@ _C.DATA.NUM_WORKERS = 8  # DataLoader workers per process
 _C.DATA.SKIP_CORRUPT = False  # False: an unreadable image stops the run naming the file; True: skip it and count it
 _C.DATA.MEAN = (0.485, 0.456, 0.406)  # normalisation mean (RGB, 0-1)
 _C.DATA.STD = (0.229, 0.224, 0.225)  # normalisation std (RGB, 0-1)
+# the views: mocov2 (two views of DATA.IMAGE_SIZE at DATA.CROP_SCALE) or a multi-crop recipe, swav | dino
+# (pretrain.data.multi_crop_transforms), whose views are DATA.MULTI_CROP.NUM[i] crops of SIZES[i] each
+_C.DATA.AUGMENTATION = "mocov2"
+_C.set_choices("DATA.AUGMENTATION", ("mocov2", "swav", "dino"))
+_C.DATA.MULTI_CROP = CN()
+_C.DATA.MULTI_CROP.NUM = (2, 6)  # views per crop size, global (assignment / teacher) crops first (SwAV: 2 + 6)
+_C.DATA.MULTI_CROP.SIZES = (224, 96)  # crop size of each group (SwAV, DINO: 224 and 96)
+_C.DATA.MULTI_CROP.MIN_SCALE = (0.14, 0.05)  # RandomResizedCrop area lower bound per group (DINO: 0.4, 0.05)
+_C.DATA.MULTI_CROP.MAX_SCALE = (1.0, 0.14)  # upper bound per group (DINO: 1.0, 0.4)
 _C.DATA.BACKEND = "torchvision"  # torchvision (PIL in DataLoader workers) | dali (NVIDIA DALI, pip install -e .[dali])
 _C.set_choices("DATA.BACKEND", ("torchvision", "dali"))
 
@@ -100,9 +123,17 @@ _C.SOLVER.EPOCHS = 200  # training epochs over DATA.TRAIN_DIR
 _C.SOLVER.IMS_PER_BATCH = 256  # total batch over all processes (paper: 8 GPUs x 32)
 _C.SOLVER.BASE_LR = 0.03  # learning rate for REFERENCE_BATCH images; scaled linearly with IMS_PER_BATCH
 _C.SOLVER.REFERENCE_BATCH = 256  # batch size BASE_LR is defined for (MoCo: 0.03 per 256)
-_C.SOLVER.OPTIMIZER = "sgd"  # "sgd" (MoCo-v2, the paper) or "adamw" (ViT students; fast short CPU runs)
+# "sgd" (MoCo-v2, the paper), "larc" (SGD wrapped in LARC, SwAV: pretrain.optim.LARC) or "adamw" (DINO; ViT
+# students; fast short CPU runs)
+_C.SOLVER.OPTIMIZER = "sgd"
+_C.set_choices("SOLVER.OPTIMIZER", ("sgd", "larc", "adamw"))
+_C.SOLVER.LARC_TRUST = 0.001  # LARC's trust coefficient (SwAV: 0.001); used by SOLVER.OPTIMIZER larc
 _C.SOLVER.MOMENTUM = 0.9  # SGD momentum (AdamW: beta1)
 _C.SOLVER.WEIGHT_DECAY = 1e-4  # weight decay (decoupled for AdamW)
+_C.SOLVER.WEIGHT_DECAY_END = -1.0  # >= 0: cosine schedule of the weight decay per iteration to this value (DINO 0.4)
+_C.SOLVER.WEIGHT_DECAY_NORM_BIAS = True  # decay biases and norm weights too (MoCo, SwAV); False: not them (DINO)
+_C.SOLVER.CLIP_GRAD = 0.0  # > 0: clip each parameter's gradient to this L2 norm before the step (DINO: 3.0)
+_C.SOLVER.FINAL_LR_FACTOR = 0.0  # the cosine ends at this fraction of the peak lr (SwAV 0.6 -> 0.0006: 0.001)
 _C.SOLVER.WARMUP_EPOCHS = 0  # linear warm-up epochs before the cosine schedule (MoCo-v2: 0)
 _C.SOLVER.COSINE_PER_ITER = False  # False: cosine steps once per epoch as MoCo-v2; True: smooth per-iteration cosine
 
@@ -183,8 +214,11 @@ def validate_cfg(cfg: CfgNode) -> None:
     if m.DISTILLERS and not cfg.MODEL.TEACHER.WEIGHTS:
         raise ConfigError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} distil a frozen teacher: set "
                           f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
-    if cfg.SOLVER.OPTIMIZER not in ("sgd", "adamw"):
-        raise ConfigError(f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
+    if cfg.SOLVER.OPTIMIZER not in ("sgd", "larc", "adamw"):
+        raise ConfigError(f"SOLVER.OPTIMIZER must be 'sgd', 'larc' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
+    if cfg.DATA.AUGMENTATION != "mocov2" and cfg.DATA.BACKEND == "dali":
+        raise ConfigError(f"DATA.BACKEND dali draws the two MoCo-v2 views only; DATA.AUGMENTATION "
+                          f"{cfg.DATA.AUGMENTATION} (multi-crop) needs DATA.BACKEND torchvision")
     for key in AUTO_KEYS:
         value = cfg_value(cfg, key)
         if not (isinstance(value, bool) or value == "auto"):
@@ -218,6 +252,11 @@ VALUE_RANGES = (
     ("SOLVER.MOMENTUM", "[0, 1)", 0),
     ("SOLVER.WEIGHT_DECAY", ">= 0", 0),
     ("SOLVER.WARMUP_EPOCHS", ">= 0", 0),
+    ("SOLVER.WEIGHT_DECAY_END", ">= -1", 0),
+    ("SOLVER.CLIP_GRAD", ">= 0", 0),
+    ("SOLVER.FINAL_LR_FACTOR", "[0, 1]", 0),
+    ("SOLVER.LARC_TRUST", "> 0", 0),
+    ("MODEL.STUDENT.DROP_PATH", "[0, 1)", 0),
     ("TRAIN.CHECKPOINT_PERIOD", ">= 1", 0),
     ("TRAIN.MAX_TO_KEEP", ">= 1", 0),
     ("TRAIN.LOG_PERIOD", ">= 1", 0),
@@ -240,6 +279,18 @@ def check_values(cfg: CfgNode) -> None:
     for key, (lo, hi) in (("DATA.CROP_SCALE", d.CROP_SCALE), ("DATA.BLUR_SIGMA", d.BLUR_SIGMA)):
         if lo > hi:
             raise ConfigError(f"{key} {tuple((lo, hi))} must be (low, high) with low <= high")
+    m = d.MULTI_CROP
+    if d.AUGMENTATION != "mocov2":
+        if not (len(m.NUM) == len(m.SIZES) == len(m.MIN_SCALE) == len(m.MAX_SCALE)) or not m.NUM:
+            raise ConfigError(f"DATA.MULTI_CROP: NUM {tuple(m.NUM)}, SIZES {tuple(m.SIZES)}, MIN_SCALE "
+                              f"{tuple(m.MIN_SCALE)} and MAX_SCALE {tuple(m.MAX_SCALE)} need one value per crop size")
+        for i, (num, size, lo, hi) in enumerate(zip(m.NUM, m.SIZES, m.MIN_SCALE, m.MAX_SCALE)):
+            if num < 1 or size < 1 or not 0 < lo <= hi <= 1:
+                raise ConfigError(f"DATA.MULTI_CROP group {i}: NUM {num} and SIZES {size} must be >= 1 and "
+                                  f"0 < MIN_SCALE {lo} <= MAX_SCALE {hi} <= 1")
+        if m.NUM[0] < 2:
+            raise ConfigError(f"DATA.MULTI_CROP.NUM {tuple(m.NUM)}: the first group (the global crops) needs at least "
+                              f"2 views")
     if d.COLOR_JITTER[3] > 0.5:
         raise ConfigError(f"DATA.COLOR_JITTER {tuple(d.COLOR_JITTER)}: the hue jitter (4th value) must be in [0, 0.5]")
     if s.WARMUP_EPOCHS > s.EPOCHS:

@@ -10,7 +10,7 @@ import os
 from typing import Callable, List, Sequence, Tuple
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -92,6 +92,80 @@ def moco_v2_transform(size: int, scale=(0.2, 1.0), blur_sigma=(0.1, 2.0), mean=(
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
+class RandomSolarize:
+    """PIL solarisation (invert every pixel value >= 128) with probability ``p``; draws from the torch RNG, so the
+    per-sample seeding covers it (DINO's second global crop: p = 0.2)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if torch.rand(()).item() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+# Multi-crop recipes (DATA.AUGMENTATION): the views are NUM[0] crops of SIZES[0] (the "global" / assignment crops),
+# then NUM[1] of SIZES[1], ...; each view has its own transform.
+MULTI_CROP_RECIPES = ("swav", "dino")
+
+
+def multi_crop_transforms(recipe: str, nums: Sequence[int], sizes: Sequence[int], min_scales: Sequence[float],
+                          max_scales: Sequence[float], blur_sigma=(0.1, 2.0), mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225), color_jitter=(0.8, 0.8, 0.8, 0.2), grayscale_p: float = 0.2
+                          ) -> List[Callable]:
+    """One transform per view, ``sum(nums)`` in all, crops of ``sizes[i]`` at area ``(min_scales[i],
+    max_scales[i])`` for the ``nums[i]`` views of group i.
+
+    * ``swav`` (SwAV's ``MultiCropDataset``): RandomResizedCrop (bilinear), horizontal flip, colour jitter p=0.8,
+      grayscale, Gaussian blur p=0.5, for every view.
+    * ``dino`` (DINO's ``DataAugmentationDINO``): RandomResizedCrop (bicubic), flip, colour jitter p=0.8, grayscale,
+      then a Gaussian blur with p=1.0 on the first view, p=0.1 plus solarisation p=0.2 on the second, p=0.5 on every
+      other view (the local crops).
+
+    Colour jitter strengths, grayscale probability and the blur's sigma range come from the DATA keys (SwAV:
+    jitter 0.8, 0.8, 0.8, 0.2; DINO: 0.4, 0.4, 0.2, 0.1)."""
+    if recipe not in MULTI_CROP_RECIPES:
+        raise ValueError(f"unknown multi-crop recipe {recipe!r}; known: {', '.join(MULTI_CROP_RECIPES)}")
+    if not (len(nums) == len(sizes) == len(min_scales) == len(max_scales)) or not nums:
+        raise ValueError(f"DATA.MULTI_CROP: NUM {tuple(nums)}, SIZES {tuple(sizes)}, MIN_SCALE {tuple(min_scales)} "
+                         f"and MAX_SCALE {tuple(max_scales)} must have one value per crop size")
+    interpolation = T.InterpolationMode.BICUBIC if recipe == "dino" else T.InterpolationMode.BILINEAR
+    transforms, view = [], 0
+    for num, size, lo, hi in zip(nums, sizes, min_scales, max_scales):
+        for _ in range(num):
+            blur_p = 0.5 if recipe == "swav" or view >= 2 else (1.0, 0.1)[view]
+            ops = [T.RandomResizedCrop(size, scale=(lo, hi), interpolation=interpolation),
+                   T.RandomHorizontalFlip(),
+                   T.RandomApply([T.ColorJitter(*color_jitter)], p=0.8),
+                   T.RandomGrayscale(p=grayscale_p),
+                   T.RandomApply([RandomGaussianBlur(blur_sigma)], p=blur_p)]
+            if recipe == "dino" and view == 1:
+                ops.append(RandomSolarize(0.2))
+            transforms.append(T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)]))
+            view += 1
+    return transforms
+
+
+def view_sizes(cfg) -> List[int]:
+    """The crop size of every view of the pretraining data of ``cfg``: two of DATA.IMAGE_SIZE for the MoCo-v2
+    augmentation, else DATA.MULTI_CROP's (e.g. [224, 224, 96, 96, 96, 96, 96, 96] for SwAV's 2 x 224 + 6 x 96)."""
+    d = cfg.DATA
+    if d.AUGMENTATION == "mocov2":
+        return [d.IMAGE_SIZE] * 2
+    return [size for num, size in zip(d.MULTI_CROP.NUM, d.MULTI_CROP.SIZES) for _ in range(num)]
+
+
+def view_groups(cfg) -> List[Tuple[int, ...]]:
+    """The student's forward groups of ``cfg``'s views (:class:`pretrain.model.Method`): each MoCo-v2 view alone
+    (one view's graph alive at a time); all multi-crop views in one forward, as SwAV and DINO run them (the backbone
+    per crop size, the head over all crops)."""
+    if cfg.DATA.AUGMENTATION == "mocov2":
+        return [(0,), (1,)]
+    return [tuple(range(len(view_sizes(cfg))))]
+
+
 def eval_transform(size: int, resize: int = 0, interpolation: str = "bicubic", mean=(0.485, 0.456, 0.406),
                    std=(0.229, 0.224, 0.225)) -> Callable:
     """The evaluation transform of every protocol: resize the shorter side to ``resize`` (default size / 0.875, i.e.
@@ -106,7 +180,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiViewDataset(Dataset):
-    """Two independently augmented views of one image, indexed by ``(epoch, index)``.
+    """Independently augmented views of one image (two MoCo-v2 views, or one per multi-crop transform), indexed by
+    ``(epoch, index)``.
 
     Returns ``((view1, view2), label, skipped)``. An unreadable image raises :class:`CorruptImageError` (naming the
     file and ``DATA.SKIP_CORRUPT``), or with ``skip_corrupt`` is replaced by the next readable image (a deterministic
@@ -116,10 +191,12 @@ class MultiViewDataset(Dataset):
     epoch first draws an image when the incomplete last batch is dropped; without it, epoch 0 is taken to draw all.
     """
 
-    def __init__(self, base: ImageFolder, transform: Callable, seed: int, num_views: int = 2,
+    def __init__(self, base: ImageFolder, transform, seed: int, num_views: int = 2,
                  skip_corrupt: bool = False, sampler: "ResumableSampler" = None):
-        self.base, self.transform, self.seed = base, transform, seed
-        self.num_views, self.skip_corrupt, self.sampler = num_views, skip_corrupt, sampler
+        # one transform for every view, or a list of one per view (multi-crop: num_views is its length)
+        self.transforms = list(transform) if isinstance(transform, (list, tuple)) else [transform] * num_views
+        self.base, self.seed = base, seed
+        self.num_views, self.skip_corrupt, self.sampler = len(self.transforms), skip_corrupt, sampler
 
     def __len__(self) -> int:
         return len(self.base)
@@ -143,7 +220,7 @@ class MultiViewDataset(Dataset):
         skipped = int(passed > 0 and epoch == (self.sampler.first_epoch(drawn) if self.sampler is not None else 0))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            views = tuple(self.transform(img) for _ in range(self.num_views))
+            views = tuple(t(img) for t in self.transforms)
         return views, self.base.targets[index], skipped
 
 

@@ -216,10 +216,11 @@ class ChanceLevelMonitor(HookBase):
             self.epoch_values[key].append(value)
             if level.update(t.iter, value):
                 logger.warning(
-                    "%s has been at its chance level %.4f (the InfoNCE of a uniform guess among the K + 1 keys, "
-                    "ln(K + 1), times its weight) within %g %% at every logged step since iteration %d (now %d, %.4f): the student "
-                    "tells its positive key from the queue no better than chance, typically because its key "
-                    "encoder maps every image to one direction (see the queue: its entries barely differ). If the "
+                    "%s has been at its chance level %.4f (its value when the student's outputs carry no "
+                    "information, e.g. InfoNCE's ln(K + 1) times its weight) within %g %% at every logged step since "
+                    "iteration %d (now %d, %.4f): the student does no better than chance, typically because its "
+                    "outputs (or its key encoder's) map every image to one direction (for MoCo-v2 see the queue: "
+                    "its entries barely differ). If the "
                     "run distils a teacher, check the teacher's embedding (the teacher health line at the start of "
                     "this log, or tools/teacher_health.py): distilling a collapsed one causes this; then train the "
                     "teacher differently, distil another layer or lower the distillation weight. Without a teacher "
@@ -231,6 +232,6 @@ class ChanceLevelMonitor(HookBase):
         for key, values in self.epoch_values.items():
             if values:
                 mean, chance = sum(values) / len(values), self.levels[key].chance
-                logger.info("epoch %d: %s %.4f, %.3f x its chance level %.4f (ln(K + 1) x weight)",
+                logger.info("epoch %d: %s %.4f, %.3f x its chance level %.4f (outputs without information)",
                             t.iter // t.iters_per_epoch, key, mean, mean / chance, chance)
             values.clear()

@@ -18,9 +18,17 @@ frozen teacher they share, for
 - the student's forward on each view some part needs (``student_views``), one view's graph alive at a time;
 - ``losses(view, out, targets)``: named, already weighted scalars ``loss_<name>``, summed into ``loss``; every
   ``loss_*`` key reaches metrics.jsonl, TensorBoard, the progress bar and the curves with no change there;
-- ``after_step`` (after the optimizer step): enqueue, ...;
+- with multi-crop views (DATA.AUGMENTATION swav / dino), all views go through one forward, as SwAV and DINO run
+  them (the backbone on the views of each size batched, the head over all: BatchNorm statistics over every crop);
+  ``observe(views, outs, targets)`` sees a forward group's outputs before its losses (SwAV computes the codes of
+  its assignment crops there);
+- ``adjust_gradients`` (after the backward passes, before the step): freeze prototypes or a last layer for a while;
+- ``after_step`` (after the optimizer step): enqueue, EMA updates, ...;
+- ``progress`` (set by the trainer before each step): the iteration and epoch, for schedules (DINO's teacher
+  temperature and momentum, SwAV's queue start);
 - their state (an ``nn.Module``'s parameters and buffers go into the checkpoint) and the exported student.
 """
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,8 +64,25 @@ Targets = Dict[str, object]  # what a part computed without gradients for this s
 StudentOutput = Dict[str, object]  # "embedding" NxC (L2-normalised head output), "features" NxD, ["maps"]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where the run is: ``iteration`` (global, 0-based: the step about to run), of ``max_iter``, with
+    ``iters_per_epoch``. Set on every part by :meth:`pretrain.model.Method.set_progress` before each step; a
+    function of the checkpointed iteration, so a resumed run's schedules continue exactly."""
+
+    iteration: int = 0
+    iters_per_epoch: int = 1
+    max_iter: int = 1
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iters_per_epoch
+
+
 class MethodPart(nn.Module):
     """What testbeds and distillers share. Subclasses set ``name`` and override what they need."""
+
+    progress: Progress = Progress()
 
     name: str = ""
     # student views (0: the query view v, 1: the other view v') whose forward, with gradients, this part's losses use
@@ -91,6 +116,16 @@ class MethodPart(nn.Module):
         """The loss terms of student view ``view`` (for each view in ``student_views``): ``{"loss_<name>": scalar}``,
         already multiplied by the part's weight. The trainer back-propagates their sum, one view at a time."""
         return {}
+
+    @torch.no_grad()
+    def observe(self, views: Tuple[int, ...], outs: List[StudentOutput], targets: Targets) -> None:
+        """The student's outputs (with gradients: do not back-propagate through what is stored) of the views of one
+        forward group, before :meth:`losses` of any of them; may add to ``targets`` what those losses, and the later
+        groups', need (SwAV: the codes of its assignment crops)."""
+
+    def adjust_gradients(self) -> None:
+        """After the backward passes (gradients unscaled), before the optimizer step: e.g. drop the gradients of
+        parameters frozen for the first iterations (``p.grad = None``: the optimizer skips them)."""
 
     @torch.no_grad()
     def after_step(self, student: nn.Module, targets: Targets) -> None:

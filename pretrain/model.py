@@ -11,7 +11,8 @@ from torch import nn
 
 from .checkpoint import load_strict
 from .encoder import Encoder, build_student_encoder
-from .methods import DISTILLERS, TESTBEDS, Distiller, Testbed
+from .data import view_groups
+from .methods import DISTILLERS, TESTBEDS, Distiller, Progress, Testbed
 from .precision import amp_dtype, resolve_cfg
 from .safeload import load_torch
 from .teacher import copy_teacher_queue, load_teacher
@@ -30,7 +31,8 @@ class Method(nn.Module):
 
     def __init__(self, student: Encoder, testbed: Testbed, distillers: Dict[str, Distiller],
                  teacher: Optional[Encoder] = None, teacher_bn_train: bool = False,
-                 teacher_amp_dtype: Optional[torch.dtype] = None):
+                 teacher_amp_dtype: Optional[torch.dtype] = None,
+                 view_groups: Optional[Sequence[Sequence[int]]] = None):
         super().__init__()
         if distillers and teacher is None:
             raise ValueError(f"distillers {sorted(distillers)} need a teacher")
@@ -47,6 +49,13 @@ class Method(nn.Module):
         self.teacher_maps = any(d.teacher_maps for d in self.distillers.values())
         if not self.student_views:
             raise ValueError(f"no part of the method ({', '.join(p.name for p in parts)}) trains the student")
+        # the student's forward groups: views forwarded (and back-propagated) together as one batch; by default each
+        # view alone (one view's graph alive at a time), multi-crop: all views at once (SwAV, DINO)
+        groups = [tuple(g) for g in view_groups] if view_groups else [(v,) for v in self.student_views]
+        self.student_groups = [g for g in groups if any(v in self.student_views for v in g)]
+        missing = set(self.student_views) - {v for g in self.student_groups for v in g}
+        if missing:
+            raise ValueError(f"student views {sorted(missing)} are in no forward group {groups}")
         self.student_head = any(p.student_head for p in parts if p.student_views)
         if not self.student_head:  # no loss reads it: frozen, so the optimizer skips it and DDP expects no gradient
             student.head.requires_grad_(False)
@@ -56,6 +65,12 @@ class Method(nn.Module):
             if teacher_amp_dtype is not None and not teacher_bn_train:
                 teacher.to(teacher_amp_dtype)  # frozen weights used only in low precision: half the memory
         self.train()
+
+    def set_progress(self, iteration: int, iters_per_epoch: int, max_iter: int) -> None:
+        """Tell every part where the run is (:class:`pretrain.methods.Progress`) before the step ``iteration``."""
+        progress = Progress(iteration, iters_per_epoch, max_iter)
+        for part in self.parts():
+            part.progress = progress
 
     def parts(self) -> List[nn.Module]:
         """The testbed, then the distillers in config order."""
@@ -79,6 +94,12 @@ class Method(nn.Module):
         for part in self.parts():
             yield from part.trainable_parameters()
 
+    def named_trainable_parameters(self) -> Iterator[tuple]:
+        """``(name, parameter)`` of :meth:`trainable_parameters`, in its order."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        for p in self.trainable_parameters():
+            yield names[id(p)], p
+
     def exported(self) -> Encoder:
         """The encoder exported at the end and evaluated by the kNN monitor."""
         return self.testbed.exported(self.student)
@@ -99,8 +120,9 @@ class Method(nn.Module):
         return names
 
     # ------------------------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, maps: bool = False) -> Dict[str, object]:
-        """The student on one view (gradients flow): ``embedding`` (E_s, NxC), ``features``, [``maps``]."""
+    def forward(self, images, maps: bool = False) -> Dict[str, object]:
+        """The student on one forward group (gradients flow): ``embedding`` (E_s, NxC), ``features``, [``maps``].
+        ``images``: one batch, or a list of batches of several sizes (multi-crop: :meth:`Encoder.forward`)."""
         return self.student.embed(images, maps)
 
     @torch.no_grad()
@@ -125,9 +147,11 @@ class Method(nn.Module):
         with torch.autocast(views[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if self.teacher.training or len(need) == 1:  # BN_TRAIN (official): batch statistics of each view
                 outs = {v: self.teacher.embed(views[v], self.teacher_maps) for v in need}
-            else:  # eval-mode BN is per-sample: one forward over all views is exactly equivalent, and faster
-                joint = self.teacher.embed(torch.cat([views[v] for v in need]), self.teacher_maps)
-                outs = {v: _chunk(joint, len(need), i) for i, v in enumerate(need)}
+            else:  # eval-mode BN is per-sample: one forward over all views of a size is exactly equivalent, and faster
+                outs = {}
+                for group in _same_size(views, need):
+                    joint = self.teacher.embed(torch.cat([views[v] for v in group]), self.teacher_maps)
+                    outs.update({v: _chunk(joint, len(group), i) for i, v in enumerate(group)})
         return [_to_float(outs[v]) if v in outs else None for v in range(len(views))]
 
     def losses(self, view: int, out: Dict[str, object], targets: dict) -> Dict[str, torch.Tensor]:
@@ -145,6 +169,29 @@ class Method(nn.Module):
             raise RuntimeError(f"no loss term for student view {view}")
         return {"loss": total, **terms}
 
+    def group_losses(self, group: Sequence[int], outs: Sequence[Dict[str, object]], targets: dict
+                     ) -> Dict[str, torch.Tensor]:
+        """The terms of one forward group (``outs``: the student's outputs of each view of ``group``): every part
+        first observes the group (:meth:`MethodPart.observe`), then :meth:`losses` of each view, summed per term."""
+        for part, part_targets in self._part_targets(targets):
+            part.observe(tuple(group), list(outs), part_targets)
+        total: Dict[str, torch.Tensor] = {}
+        for v, out in zip(group, outs):
+            if v not in self.student_views:
+                continue
+            for k, value in self.losses(v, out, targets).items():
+                total[k] = total[k] + value if k in total else value
+        return total
+
+    def adjust_gradients(self) -> None:
+        for part in self.parts():
+            part.adjust_gradients()
+
+    def _part_targets(self, targets: dict):
+        yield self.testbed, targets["testbed"]
+        for name, d in self.distillers.items():
+            yield d, targets["distillers"][name]
+
     @torch.no_grad()
     def after_step(self, targets: dict) -> None:
         self.testbed.after_step(self.student, targets["testbed"])
@@ -158,6 +205,19 @@ def _named(part, terms: Dict[str, torch.Tensor], seen: Dict[str, torch.Tensor]) 
             raise ValueError(f"{type(part).__name__}.losses returned {key!r}: terms are named loss_<something>, "
                              f"unique across the method's parts")
     return terms
+
+
+def _same_size(views: Sequence[torch.Tensor], need: Sequence[int]) -> List[List[int]]:
+    """``need`` grouped by the views' image size (order kept): the views one joint forward can take."""
+    groups: Dict[tuple, List[int]] = {}
+    for v in need:
+        groups.setdefault(tuple(views[v].shape[1:]), []).append(v)
+    return list(groups.values())
+
+
+def split_views(out: Dict[str, object], n: int) -> List[Dict[str, object]]:
+    """The output of a forward over ``n`` views concatenated along the batch, as ``n`` per-view outputs."""
+    return [out] if n == 1 else [_chunk(out, n, i) for i in range(n)]
 
 
 def _chunk(out: Dict[str, object], n: int, i: int) -> Dict[str, object]:
@@ -187,8 +247,9 @@ def build_method(cfg, device="cpu") -> Method:
         teacher, info = load_teacher(t.WEIGHTS, t.ARCH)
         logger.info("teacher %s from %s (%s format, head %s; ignored %d keys: %s)", t.ARCH, t.WEIGHTS,
                     info["format"], info["head"], len(info["ignored_keys"]), info["ignored_keys"][:6])
+        teacher.normalize = t.NORMALIZE
         if t.COPY_QUEUE:
             copy_teacher_queue(testbed, info["queue"], t.WEIGHTS)
     distillers = {cls.name: cls.from_config(cfg, student, teacher) for cls in classes}
     teacher_amp = amp_dtype(cfg.TRAIN.AMP.DTYPE if cfg.TRAIN.AMP.TEACHER else "")
-    return Method(student, testbed, distillers, teacher, cfg.MODEL.TEACHER.BN_TRAIN, teacher_amp)
+    return Method(student, testbed, distillers, teacher, cfg.MODEL.TEACHER.BN_TRAIN, teacher_amp, view_groups(cfg))

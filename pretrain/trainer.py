@@ -26,6 +26,7 @@ from .hooks import (ChanceLevelMonitor, HookBase, KnnMonitor, MetricsWriter, Per
                     TeacherHealthCheck)
 from .knn import KnnData
 from .model import Method, build_method
+from .optim import build_optimizer
 from .precision import amp_dtype, resolve_cfg
 from .preemption import Preempted, StopRequest
 from .runlock import lock_output_dir
@@ -89,6 +90,8 @@ class Trainer:
         self.max_iter = self.iters_per_epoch * cfg.SOLVER.EPOCHS
 
         self.model: Method = build_method(cfg).to(self.device)
+        if cfg.MODEL.STUDENT.SYNC_BN and self.world > 1:  # SwAV: BN statistics over the global batch
+            self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
         if cfg.MODEL.CHANNELS_LAST:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.TRAIN.COMPILE:  # in place, after the layout (compiled for it), inside DDP
@@ -97,13 +100,10 @@ class Trainer:
         self.model_ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type ==
                                                   "cuda" else None) if self.world > 1 else self.model)
         self.base_lr = lr = cfg.SOLVER.BASE_LR * total_batch / cfg.SOLVER.REFERENCE_BATCH
-        params = list(self.model.trainable_parameters())  # never the teacher or a momentum encoder
-        if cfg.SOLVER.OPTIMIZER == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.SOLVER.MOMENTUM,
-                                             weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.SOLVER.MOMENTUM, 0.999),
-                                               weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        # never the teacher or a momentum encoder
+        self.optimizer = build_optimizer(cfg, self.model.named_trainable_parameters(), lr)
+        # the groups SOLVER.WEIGHT_DECAY_END schedules: those that decay (not DINO's biases and norms)
+        self.decay_groups = [i for i, g in enumerate(self.optimizer.param_groups) if g["weight_decay"] > 0]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.checkpointer = Checkpointer(cfg.OUTPUT_DIR, cfg.TRAIN.MAX_TO_KEEP)
         if self.rank == 0:  # this run holds the folder: temp files of a killed save / export are orphans
@@ -129,13 +129,32 @@ class Trainer:
                     self.iters_per_epoch, cfg.SOLVER.EPOCHS, lr, amp)
 
     def lr_factor(self, it: int) -> float:
-        """Linear warm-up then cosine decay (per epoch as MoCo-v2, or per iteration)."""
+        """Linear warm-up then cosine decay (per epoch as MoCo-v2, or per iteration) from 1 to
+        SOLVER.FINAL_LR_FACTOR."""
         s = self.cfg.SOLVER
         warm = s.WARMUP_EPOCHS * self.iters_per_epoch
         if it < warm:
             return (it + 1) / warm
         t = it if s.COSINE_PER_ITER else (it // self.iters_per_epoch) * self.iters_per_epoch
-        return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, self.max_iter - warm)))
+        end = s.FINAL_LR_FACTOR
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, self.max_iter - warm)))
+
+    def weight_decay(self, it: int) -> float:
+        """SOLVER.WEIGHT_DECAY, or with SOLVER.WEIGHT_DECAY_END >= 0 a per-iteration cosine from it to the end
+        value (DINO: 0.04 -> 0.4)."""
+        s = self.cfg.SOLVER
+        if s.WEIGHT_DECAY_END < 0:
+            return s.WEIGHT_DECAY
+        return s.WEIGHT_DECAY_END + 0.5 * (s.WEIGHT_DECAY - s.WEIGHT_DECAY_END) * (
+            1.0 + math.cos(math.pi * it / self.max_iter))
+
+    def _before_step(self) -> None:
+        """The schedules that are a function of the iteration, besides the lr: the weight decay of the groups that
+        decay, and the parts' progress (pretrain.methods.Progress)."""
+        if self.cfg.SOLVER.WEIGHT_DECAY_END >= 0:
+            for i in self.decay_groups:
+                self.optimizer.param_groups[i]["weight_decay"] = self.weight_decay(self.iter)
+        self.model.set_progress(self.iter, self.iters_per_epoch, self.max_iter)
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -256,8 +275,10 @@ class Trainer:
                     views = [v.to(self.device, non_blocking=True) for v in views]
                     if cfg.MODEL.CHANNELS_LAST:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    self._before_step()
                     self.losses = train_step(self.model_ddp, views, self.optimizer, self.scaler,
-                                             amp_dtype=self.amp_dtype, finite_check=self._finite_check)
+                                             amp_dtype=self.amp_dtype, finite_check=self._finite_check,
+                                             clip_grad=cfg.SOLVER.CLIP_GRAD)
                     self.lr = self.optimizer.param_groups[0]["lr"]
                     self.scheduler.step()
                     self.iter += 1

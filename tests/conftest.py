@@ -63,3 +63,29 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def iters_logged(out) -> int:
+    """The last iteration ``out``/metrics.jsonl has a loss record for (0 when none)."""
+    import json
+
+    path = os.path.join(out, "metrics.jsonl")
+    lines = [ln for ln in open(path).read().splitlines() if '"loss"' in ln] if os.path.exists(path) else []
+    return json.loads(lines[-1])["iter"] if lines else 0
+
+
+def kill_9_at(cmd, out, target: int, env=None) -> None:
+    """Start ``cmd`` (a pretraining run writing to ``out``), SIGKILL it once iteration ``target`` is logged, and check
+    it died by the signal before finishing."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    t0 = time.time()
+    while iters_logged(out) < target:
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended (or hung) before the kill"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL

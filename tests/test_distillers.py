@@ -5,16 +5,15 @@ import json
 import os
 import random
 import runpy
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import iters_logged, kill_9_at
 from pretrain.checkpoint import Checkpointer
 from pretrain.distillers.attention import AttentionTransfer, stage_pairs
 from pretrain.distillers.compress import CompRess
@@ -248,12 +247,6 @@ def _cmd(out, data, teacher, *extra):
             *map(str, _opts(out, data, teacher, 3) + ALL)]
 
 
-def _iters_logged(out):
-    path = os.path.join(out, "metrics.jsonl")
-    lines = [ln for ln in open(path).read().splitlines() if '"loss"' in ln] if os.path.exists(path) else []
-    return json.loads(lines[-1])["iter"] if lines else 0
-
-
 def test_every_distiller_at_once_resumes_bitwise_after_kill_9(tmp_path, imagefolder, teacher_export):
     """SEED's queue, both CompRess queues and its key encoder, the MoCo-v2 queue and key encoder: all in the
     checkpoint, so a run killed at a random iteration and resumed ends with exactly the uninterrupted run's state."""
@@ -263,15 +256,8 @@ def test_every_distiller_at_once_resumes_bitwise_after_kill_9(tmp_path, imagefol
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "killed"
     target = random.Random(1).randint(6, ITERS - 2)  # after the first checkpoint (iteration 5)
-    proc = subprocess.Popen(_cmd(out, imagefolder, teacher_export), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
-    t0 = time.time()
-    while _iters_logged(out) < target:
-        assert proc.poll() is None and time.time() - t0 < 300, "the run ended (or hung) before the kill"
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and _iters_logged(out) < ITERS
+    kill_9_at(_cmd(out, imagefolder, teacher_export), out, target, ENV)
+    assert iters_logged(out) < ITERS
     proc = subprocess.run(_cmd(out, imagefolder, teacher_export, "--resume"), capture_output=True, text=True,
                           timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ from .infonce import infonce_loss
 from .kd import kd_loss
 from .rkd import rkd_angle_loss, rkd_distance_loss
 from .seed import seed_loss
+from .swav import sinkhorn, swapped_prediction
 
 __all__ = ["attention_loss", "compress_loss", "disco_loss", "infonce_loss", "kd_loss", "rkd_angle_loss",
-           "rkd_distance_loss", "seed_loss"]
+           "rkd_distance_loss", "seed_loss", "sinkhorn", "swapped_prediction"]
