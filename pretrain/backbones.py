@@ -23,8 +23,9 @@ and stride (``reduction``). The stages are timm's ``feature_info`` levels:
 * EfficientNet-B0/B1, MobileNetV3-Large: the last block of each stride (strides 2, 4, 8, 16, 32); the stride-32 map
   is the last block's output, before ``conv_head`` (MobileNetV3: the 960-channel 1x1 ConvBnAct block, before the
   pooled ``conv_head`` to 1280).
-* ViT-Tiny, XCiT-Tiny: every one of the 12 transformer blocks (stride 16), its patch tokens (the class token
-  dropped) before the final norm, reshaped to NCHW. XCiT's two class-attention blocks are not stages.
+* ViT-Tiny / ViT-Small, XCiT-Tiny / XCiT-Small: every one of the 12 transformer blocks (stride 16), its patch tokens
+  (the class token dropped) before the final norm, reshaped to NCHW. XCiT's two class-attention blocks are not
+  stages.
 * ``convnet_small`` / ``convnet_tiny``: the output of each conv block's 2x2 max-pool (strides 2, 4, 8).
 """
 from dataclasses import dataclass
@@ -175,6 +176,12 @@ BACKBONES: Dict[str, BackboneSpec] = {
     "resnet101": BackboneSpec(2048, _timm("resnet101", zero_init_last=False), "resnet101", notes=_TORCHVISION_INIT),
     "resnet152": BackboneSpec(2048, _timm("resnet152", zero_init_last=False), "resnet152", notes=_TORCHVISION_INIT),
     "resnet50x2": BackboneSpec(4096, _resnet50x2, "", notes="SwAV's ResNet-50x2 (all widths x2); " + _TORCHVISION_INIT),
+    # DINO's transformer teachers (paper Table 6): dino_deitsmall16_pretrain.pth has timm's ViT-S/16 key names;
+    # dino_xcit_small_12_p16_pretrain.pth has the xcit repo's, which pretrain.formats maps to timm's
+    "vit_small_patch16_224": BackboneSpec(384, _timm("vit_small_patch16_224", dynamic_img_size=True),
+                                          "vit_small_patch16_224", notes="stages: all 12 blocks (stride 16)"),
+    "xcit_small_12_p16_224": BackboneSpec(384, _timm("xcit_small_12_p16_224"), "xcit_small_12_p16_224",
+                                          notes="stages: all 12 XCA blocks (stride 16)"),
     # 32-px models for the CPU demo and tests; not in the paper
     # (timm names once this module is imported: see _register_convnets)
     "convnet_small": BackboneSpec(256, _convnet(CONVNET_WIDTHS["convnet_small"]), "convnet_small",

@@ -13,7 +13,7 @@ from .backbones import build_backbone, get_spec
 from .checkpoint import load_strict, save_atomic, verify_checkpoint
 from .encoder import Encoder
 from .formats import EXPORT_FORMAT, method_description, read_backbone
-from .heads import build_head, infer_head_spec
+from .heads import build_head, head_activation, infer_head_spec
 from .safeload import load_torch
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def export_encoder(encoder: Encoder, arch: str, out_dir: str, name: str, metadat
     head_path = os.path.join(out_dir, f"{name}_head.pth")
     head_sd = {k: v.detach().cpu().clone() for k, v in encoder.head.state_dict().items()}
     meta = dict(metadata, format=EXPORT_FORMAT, arch=arch, timm_arch=get_spec(arch).timm_arch,
-                head_file=os.path.basename(head_path), head=infer_head_spec(head_sd))
+                head_file=os.path.basename(head_path), head=infer_head_spec(head_sd, head_activation(encoder.head)))
     save_atomic({"state_dict": {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()},
                  **meta}, backbone_path)
     save_atomic({"state_dict": head_sd, **meta}, head_path)
@@ -69,7 +69,7 @@ def export_from_checkpoint(checkpoint: str, out_dir: str) -> Dict[str, str]:
     if ckpt.format != "pretrain-checkpoint":
         raise ValueError(f"{checkpoint} is not a pretraining checkpoint of this project (it reads as {ckpt.format}); "
                          f"give OUTPUT_DIR/checkpoints/model_<iter>.pth")
-    encoder = Encoder(build_backbone(ckpt.arch), build_head(**infer_head_spec(ckpt.head)))
+    encoder = Encoder(build_backbone(ckpt.arch), build_head(**infer_head_spec(ckpt.head, ckpt.head_act)))
     load_strict(encoder.backbone, ckpt.state_dict, f"student backbone of {checkpoint}")
     load_strict(encoder.head, ckpt.head, f"student head of {checkpoint}")
     cfg = CfgNode.load_cfg(ckpt.metadata["config"])

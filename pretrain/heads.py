@@ -48,3 +48,8 @@ def infer_head_spec(state_dict: Dict[str, torch.Tensor], act: str = "relu") -> d
     first, last = state_dict[f"{linear[0]}.weight"], state_dict[f"{linear[-1]}.weight"]
     return dict(in_dim=first.shape[1], hidden_dim=first.shape[0] if len(linear) > 1 else 0,
                 out_dim=last.shape[0], num_layers=len(linear), bn=bn, act=act)
+
+
+def head_activation(head: nn.Module) -> str:
+    """The ``act`` name of a :func:`build_head` head (what an export records: a state dict cannot tell it)."""
+    return "gelu" if any(isinstance(m, nn.GELU) for m in head.modules()) else "relu"

@@ -244,7 +244,8 @@ def build_method(cfg, device="cpu") -> Method:
     teacher = None
     if classes:
         t = cfg.MODEL.TEACHER
-        teacher, info = load_teacher(t.WEIGHTS, t.ARCH)
+        # DisCo on the backbone features reads no projection head: a backbone-only file (DINO's release) will do
+        teacher, info = load_teacher(t.WEIGHTS, t.ARCH, head_required=cfg.LOSS.DISCO.EMBEDDING == "head")
         logger.info("teacher %s from %s (%s format, head %s; ignored %d keys: %s)", t.ARCH, t.WEIGHTS,
                     info["format"], info["head"], len(info["ignored_keys"]), info["ignored_keys"][:6])
         teacher.normalize = t.NORMALIZE

@@ -4,6 +4,7 @@ import os
 from typing import Dict, List, Tuple
 
 import torch
+from torch import nn
 
 from .backbones import build_backbone, get_spec
 from .checkpoint import load_strict
@@ -14,39 +15,54 @@ from .heads import build_head, infer_head_spec
 logger = logging.getLogger(__name__)
 
 
-def load_teacher(path: str, arch: str) -> Tuple[Encoder, dict]:
+def load_teacher(path: str, arch: str, head_required: bool = True) -> Tuple[Encoder, dict]:
     """Build ``arch`` and its pretrained projection head from ``path`` (any format of :func:`read_backbone`).
 
-    Returns the encoder and a description (format, ignored keys, head spec, and ``queue``: the checkpoint's MoCo
-    queue or {}). Only the teacher's query encoder and head are loaded: a MoCo checkpoint's queue / key encoder are
-    reported as ignored; the queue reaches the student only through :func:`copy_teacher_queue`.
+    The head is built as the checkpoint's format says (:attr:`BackboneCheckpoint.head_act`: GELU for DINO, ReLU
+    otherwise). A file without a projection head (a bare backbone: DINO's ``dino_deitsmall16_pretrain.pth``, a
+    torchvision / timm state dict, an export whose head file is missing) is an error unless ``head_required`` is
+    False: then the head is ``nn.Identity()`` and the teacher's embedding is its L2-normalised pooled backbone
+    feature (a ViT's / XCiT's class token after the final norm), of ``feature_dim(arch)`` dimensions.
+
+    Returns the encoder and a description: ``format``, ``ignored_keys`` (what the file holds that is loaded
+    nowhere), ``head`` (the :func:`pretrain.heads.build_head` arguments, ``act`` included; None without a head),
+    ``head_act`` (None without a head), ``embedding`` (``"projection head"`` or ``"backbone feature"``) and
+    ``queue`` (the checkpoint's MoCo queue or {}). Only the teacher's query encoder and head are loaded: a MoCo
+    checkpoint's queue / key encoder, DINO's student, optimizer, centre and the last layer of its head, SwAV's
+    prototypes are reported as ignored; the queue reaches the student only through :func:`copy_teacher_queue`.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist (MODEL.TEACHER.WEIGHTS)")
     ckpt = read_backbone(path, arch, what="teacher checkpoint (MODEL.TEACHER.WEIGHTS)")
-    if not ckpt.head:
+    if not ckpt.head and head_required:
         hint = (f"copy its head file {ckpt.metadata.get('head_file')} next to it" if ckpt.format == "export"
-                else "use a checkpoint that keeps the projection head")
-        raise ValueError(f"{path}: no projection head in the checkpoint; DisCo distils the teacher's head output "
-                         f"({hint})")
+                else "use a checkpoint that keeps the projection head (DINO: the training checkpoint.pth, not the "
+                     "backbone-only release)")
+        raise ValueError(f"{path}: no projection head in the {ckpt.format} checkpoint; DisCo distils the teacher's "
+                         f"head output ({hint}), or load it with head_required=False to distil the L2-normalised "
+                         f"backbone feature ({get_spec(arch).feature_dim}-d) instead")
     backbone = build_backbone(arch)
     load_strict(backbone, ckpt.state_dict,
                 f"teacher backbone from {path} ({ckpt.format} format, MODEL.TEACHER.ARCH {arch})")
+    ignored = [k for k in ckpt.skipped if k not in set(ckpt.head_sources.values())]
+    if not ckpt.head:
+        return Encoder(backbone, nn.Identity()), {"format": ckpt.format, "ignored_keys": ignored, "head": None,
+                                                  "head_act": None, "embedding": "backbone feature",
+                                                  "queue": ckpt.queue}
     head_file = (os.path.join(os.path.dirname(path), ckpt.metadata["head_file"]) if ckpt.format == "export"
                  else path)  # our export keeps the head in <arch>_head.pth next to the backbone
     missing = _incomplete_head(ckpt.head)
     if missing:
         raise KeyError(f"teacher projection head from {head_file} is incomplete: missing {missing} (it has "
                        f"{sorted(ckpt.head)}); the file is damaged or not a projection head, re-export the teacher")
-    spec = infer_head_spec(ckpt.head)
+    spec = infer_head_spec(ckpt.head, ckpt.head_act)
     if spec["in_dim"] != get_spec(arch).feature_dim:
         raise ValueError(f"{head_file}: the projection head takes {spec['in_dim']}-d features but {arch} gives "
                          f"{get_spec(arch).feature_dim}-d; is MODEL.TEACHER.ARCH right?")
     head = build_head(**spec)
-    load_strict(head, ckpt.head, f"teacher projection head from {head_file}")
-    ignored = [k for k, why in ckpt.skipped.items() if "head" not in why]
+    load_strict(head, ckpt.head, f"teacher projection head from {head_file} ({ckpt.format} format)")
     return Encoder(backbone, head), {"format": ckpt.format, "ignored_keys": ignored, "head": spec,
-                                     "queue": ckpt.queue}
+                                     "head_act": ckpt.head_act, "embedding": "projection head", "queue": ckpt.queue}
 
 
 def copy_teacher_queue(testbed, queue: Dict[str, torch.Tensor], path: str) -> None:

@@ -5,8 +5,10 @@
     python tools/convert_to_d2.py moco_v2_200ep_pretrain.pth.tar r50_moco.pkl --config-file \\
         configs/detection/coco/r50_mask_C4_1x.yaml
 
-Input: our export / pretraining checkpoint, MoCo-v1/v2 or DisCo-pytorch ``.pth.tar``, SwAV or a bare timm /
-torchvision state dict; the architecture comes from the checkpoint, ``--arch`` or its keys and shapes. The output
+Input: our export / pretraining checkpoint, MoCo-v1/v2 or DisCo-pytorch ``.pth.tar``, a SwAV / DeepCluster-v2 /
+SeLa-v2 release, a DINO ResNet-50 (training checkpoint: its teacher; or the backbone-only release) or a bare timm /
+torchvision state dict; the architecture comes from the checkpoint, ``--arch`` or its keys and shapes. Detection
+takes ResNet and timm CNN backbones: a ViT / XCiT (DINO's) is refused with the list of supported architectures. The output
 ``.pkl`` uses full detectron2 key names (no matching heuristics). The detectron2 model of ``--config-file`` (default:
 the VOC C4 config of the architecture) is built and the weights loaded with ``DetectionCheckpointer``; every key is
 reported (loaded / new in the detector / skipped and why). Any backbone or ROI-stage (res5) weight that does not load

@@ -198,7 +198,12 @@ def convert_backbone(state_dict: Dict[str, torch.Tensor], arch: str, layout: str
         return convert_resnet(state_dict, layout, arch)
     if arch in TIMM_LAYOUTS:
         return convert_timm(state_dict, arch, layout)
-    raise ValueError(f"no detectron2 conversion for architecture {arch!r}; supported: "
+    why = ""
+    if arch.startswith(("vit_", "xcit_")):  # DINO's teachers and the transformer students
+        why = (f" {arch} is a vision transformer: this project's detectron2 configs (C4 / FPN Faster / Mask R-CNN) "
+               f"take ResNet backbones (and the timm CNN students), whose stride-4..32 stages a plain transformer "
+               f"does not have;")
+    raise ValueError(f"no detectron2 conversion for architecture {arch!r};{why} supported: "
                      f"{', '.join(RESNET_ARCHS + tuple(TIMM_LAYOUTS))}")
 
 
@@ -229,7 +234,8 @@ def convert_read(ckpt, layout: str = "C4", path: str = "") -> Conversion:
 
 
 def convert_checkpoint(path: str, arch: Optional[str] = None, layout: str = "C4") -> Conversion:
-    """Read any known checkpoint format (our export, MoCo-v1/v2, DisCo-pytorch, SwAV, ...) and convert it."""
+    """Read any known checkpoint format (our export, MoCo-v1/v2, DisCo-pytorch, SwAV / DeepCluster-v2 / SeLa-v2, a DINO
+    ResNet-50, ...: :func:`pretrain.formats.read_backbone`) and convert it."""
     return convert_read(read_checkpoint(path, arch), layout, path)
 
 
