@@ -106,7 +106,10 @@ def _parse_checkpoint(ckpt, path: str, dino_network: str = "teacher"
         from fvcore.common.config import CfgNode
 
         cfg = CfgNode.load_cfg(ckpt["cfg"])
-        state, prefix = (ckpt["model"], "student.") if "model" in ckpt else (ckpt["student"], "encoder_q.")
+        # the encoder the run exports: the student, or another module of the method (DINO's EMA teacher,
+        # "testbed.teacher"), named by the checkpoint since it could say
+        state, prefix = ((ckpt["model"], ckpt.get("exported", "student") + ".") if "model" in ckpt
+                         else (ckpt["student"], "encoder_q."))
         backbone, head, sources = {}, {}, {}
         for k, v in state.items():
             if k.startswith(prefix + "backbone."):
@@ -115,7 +118,7 @@ def _parse_checkpoint(ckpt, path: str, dino_network: str = "teacher"
                 head[k[len(prefix + "head."):]] = v
                 sources[k[len(prefix + "head."):]] = k
             else:
-                skipped[k] = "not the student (momentum encoder, queue, ... of the pretraining run)"
+                skipped[k] = "not the exported encoder (momentum encoder, queue, ... of the pretraining run)"
         meta = {"method": method_description(cfg), "iteration": ckpt.get("iter"), "epoch": ckpt.get("epoch"),
                 "config": ckpt["cfg"], "queue": _queue(state, "testbed.") if "model" in ckpt else {},
                 # MODEL.STUDENT.HEAD.ACT: configs written before it existed built ReLU heads

@@ -165,6 +165,8 @@ class Trainer:
             # which is reloaded from MODEL.TEACHER.WEIGHTS (only BN_TRAIN changes its buffers, kept below)
             "model": {k: v for k, v in self.model.state_dict().items() if not k.startswith("teacher.")},
             "teacher_buffers": dict(teacher.named_buffers()) if teacher is not None else {},
+            # the module of "model" that the run exports (pretrain.formats reads it: the student, DINO's teacher)
+            "exported": next(n for n, m in self.model.named_modules() if m is self.model.exported()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,

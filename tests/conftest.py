@@ -89,3 +89,16 @@ def kill_9_at(cmd, out, target: int, env=None) -> None:
     proc.kill()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def assert_bitwise_equal(a, b, path=""):
+    """Tensors (nested in dicts / lists) equal bit for bit; ``path`` names the first that differs."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{path}[{i}]")

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from conftest import tiny_cfg
+from conftest import assert_bitwise_equal, tiny_cfg
 from pretrain.checkpoint import Checkpointer
 from pretrain.model import Method
 from pretrain.safeload import load_torch
@@ -16,18 +16,6 @@ from pretrain.trainer import Trainer
 def _final_state(output_dir):
     state, _ = Checkpointer(str(output_dir)).load_latest()
     return state
-
-
-def _assert_bitwise_equal(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{path}[{i}]")
 
 
 def test_stopped_and_resumed_run_is_bitwise_equal(tmp_path, imagefolder, teacher_export):
@@ -42,7 +30,7 @@ def test_stopped_and_resumed_run_is_bitwise_equal(tmp_path, imagefolder, teacher
     assert resumed.iter == full.iter == 16
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
     for key in ("model", "optimizer", "scheduler", "teacher_buffers", "iter"):
-        _assert_bitwise_equal(a[key], b[key], key)
+        assert_bitwise_equal(a[key], b[key], key)
     # metrics.jsonl of the resumed run has each iteration once, with the required fields
     recs = [json.loads(x) for x in open(tmp_path / "part" / "metrics.jsonl") if '"loss"' in x]  # not teacher health
     iters = [r["iter"] for r in recs if "loss" in r]
@@ -205,4 +193,4 @@ def test_checkpoint_of_an_earlier_version_resumes(tmp_path, imagefolder, teacher
     assert {"encoder_k.backbone.conv1.weight", "queue", "queue_ptr", "encoder_q.head.0.weight"} <= set(state["student"])
     torch.save(state, path)
     Trainer(tiny_cfg(tmp_path / "old", imagefolder, teacher_export, **{"SOLVER.EPOCHS": 1})).run()
-    _assert_bitwise_equal(_final_state(tmp_path / "full")["model"], _final_state(tmp_path / "old")["model"])
+    assert_bitwise_equal(_final_state(tmp_path / "full")["model"], _final_state(tmp_path / "old")["model"])

@@ -60,6 +60,9 @@ METHODS = {  # name: (pretraining config in configs/pretrain, what it is, the pa
     "rkd": ("compare/quickstart_rkd.yaml", "MoCo-v2 + RKD (distance + angle)", 56.4),
     "attention_disco": ("compare/quickstart_attention_disco.yaml", "MoCo-v2 + AT + DisCo", 60.2),
     "rkd_disco": ("compare/quickstart_rkd_disco.yaml", "MoCo-v2 + RKD + DisCo", 60.6),
+    # Table 5 (the SwAV testbed) and Table 6 (DINO): not Table 2 rows; their paper numbers are other students'
+    "swav": ("compare/quickstart_swav.yaml", "SwAV alone, no teacher (paper Table 5: Eff-b0 46.8)", None),
+    "swav_disco": ("compare/quickstart_swav_disco.yaml", "SwAV + DisCo (paper Table 5: Eff-b0 62.4)", None),
 }
 KD_ROWS = {  # name: (the student whose export is probed, KD.REDUCTION, what it is, the paper's value)
     "kd": ("mocov2", "mean", "KD: the MoCo-v2 student, probe with KD (official mean)", 51.5),
@@ -67,6 +70,8 @@ KD_ROWS = {  # name: (the student whose export is probed, KD.REDUCTION, what it 
     "disco_kd_batchmean": ("disco", "batchmean", "KD + DisCo, KD with Hinton's batchmean", 60.6),
 }
 ROWS = list(METHODS) + list(KD_ROWS)  # the table's order
+NO_TEACHER = ("mocov2", "swav", "dino")  # students trained without a teacher
+OTHER_TESTBEDS = ("swav", "swav_disco", "dino", "dino_disco")  # run when named (--methods), not by default
 METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
 
 
@@ -190,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "per method, linear/, results.json, results.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SEED of every student run and probe")
     p.add_argument("--methods", nargs="+", choices=ROWS, metavar="NAME",
-                   help=f"rows of the table, default: all (a KD row trains the student it probes too): "
-                        f"{', '.join(ROWS)}")
+                   help=f"rows of the table, default: all but the other testbeds' ({', '.join(OTHER_TESTBEDS)}; "
+                        f"a KD row trains the student it probes too): {', '.join(ROWS)}")
     p.add_argument("--teacher", default="", help="the teacher's export .pth (default: train quickstart_teacher.yaml)")
     p.add_argument("--jobs", type=int, default=2, help="pretraining runs at a time, one thread each")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic dataset")
@@ -208,7 +213,7 @@ def main():
     out = os.path.abspath(args.output_dir)
     t0 = time.perf_counter()
     minutes = previous_minutes(out)
-    methods = args.methods or ROWS
+    methods = args.methods or [m for m in ROWS if m not in OTHER_TESTBEDS]
     kd_rows = [m for m in methods if m in KD_ROWS]
     students = [m for m in METHODS if m in methods or any(KD_ROWS[k][0] == m for k in kd_rows)]
 
@@ -230,7 +235,7 @@ def main():
     for method in students:
         for seed in args.seeds:
             overrides[method, seed] = ["OUTPUT_DIR", os.path.join(out, method, f"seed{seed}"), *common, "SEED",
-                                       str(seed), *([] if method == "mocov2" else [
+                                       str(seed), *([] if method in NO_TEACHER else [
                                            "MODEL.TEACHER.WEIGHTS", teacher["export"],
                                            "MODEL.TEACHER.ARCH", teacher["arch"]]), *args.opts]
             cfgs[method, seed] = setup_cfg(os.path.join(CONFIGS, METHODS[method][0]), overrides[method, seed])

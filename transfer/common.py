@@ -2,23 +2,27 @@
 kNN evaluator (:mod:`transfer.knn`) and t-SNE (:mod:`transfer.tsne`) all build on.
 
 The frozen backbone (loaded strictly from any checkpoint format :func:`pretrain.formats.read_backbone` reads, in eval
-mode, without gradients) and bitwise checks that it stays frozen; the datasets of ``DATA.*`` (ImageFolder or CIFAR,
-optionally a semi-supervised subset) with their training / evaluation transforms; a seeded per-epoch sampler whose
-augmentations depend on neither workers, processes nor resumption; what every evaluator process does first
-(:func:`start_run`); and top-1 / top-5 counting.
+mode, without gradients) and bitwise checks that it stays frozen; what the evaluators read from it
+(``MODEL.FEATURES``: the pooled output, or DINO's ViT features, :func:`build_feature_extractor`); the datasets of
+``DATA.*`` (ImageFolder or CIFAR, optionally a semi-supervised subset) with their training / evaluation transforms; a
+seeded per-epoch sampler whose augmentations depend on neither workers, processes nor resumption; what every
+evaluator process does first (:func:`start_run`); and top-1 / top-5 counting.
 """
 import logging
 import math
 import os
-from typing import Dict, List, Tuple
+from functools import lru_cache
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.xcit import Xcit
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
 from pretrain import distributed as du
-from pretrain.backbones import build_backbone
+from pretrain.backbones import build_backbone, get_spec
 from pretrain.cfgnode import CfgNode, save_cfg
 from pretrain.checkpoint import load_strict
 from pretrain.data import INTERPOLATIONS, ImageFolder, eval_transform, sample_seed
@@ -85,6 +89,115 @@ def changed_keys(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the evaluators read from the frozen backbone (MODEL.FEATURES)
+
+POOLED = {"n_last_blocks": 0, "avgpool_patch_tokens": False}  # the default mode: the backbone's pooled output
+
+
+def feature_mode(cfg: CfgNode) -> Dict[str, object]:
+    """``MODEL.FEATURES`` as plain data: what classifier checkpoints and results.json record, and what a resumed
+    classifier must have been trained on."""
+    f = cfg.MODEL.FEATURES
+    return {"n_last_blocks": int(f.N_LAST_BLOCKS), "avgpool_patch_tokens": bool(f.AVGPOOL_PATCH_TOKENS)}
+
+
+def describe_features(mode: Optional[dict]) -> str:
+    """``pooled output``, or e.g. ``CLS of the last 4 blocks (normed) + mean patch token of the last``."""
+    mode = mode or POOLED
+    if not mode["n_last_blocks"]:
+        return "pooled output"
+    n = mode["n_last_blocks"]
+    out = f"CLS of the last {n} blocks (normed)" if n > 1 else "CLS of the last block (normed)"
+    return out + (" + mean patch token of the last" if mode["avgpool_patch_tokens"] else "")
+
+
+class LastBlocksFeatures(nn.Module):
+    """DINO's linear-evaluation features of a ViT (``eval_linear.py``, ``--n_last_blocks`` /
+    ``--avgpool_patchtokens``): the class tokens of the last ``n_last_blocks`` transformer blocks, each through the
+    model's final norm, concatenated oldest block first; with ``avgpool_patch_tokens`` also the mean of the last
+    block's normed patch tokens, appended last. ``forward(images)``: N x 3 x H x W -> N x (n + avgpool) * embed_dim.
+
+    Built on timm's ``forward_intermediates(norm=True)``, the same tokens DINO's ``get_intermediate_layers`` returns.
+    With ``n_last_blocks`` 1 and no average it equals the pooled output of timm's ViT (global_pool ``token``: the
+    normed CLS of the last block). DINO's code appends the average only with ``n_last_blocks`` 1 and then interleaves
+    the two vectors element by element; here they are concatenated, which only permutes a linear classifier's inputs
+    (its i.i.d. init and its training do not depend on their order) and works for any ``n_last_blocks``."""
+
+    def __init__(self, backbone: nn.Module, n_last_blocks: int, avgpool_patch_tokens: bool = False):
+        super().__init__()
+        self.backbone, self.n_last_blocks, self.avgpool_patch_tokens = backbone, n_last_blocks, avgpool_patch_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        blocks = self.backbone.forward_intermediates(images, indices=self.n_last_blocks, return_prefix_tokens=True,
+                                                     norm=True, output_fmt="NLC", intermediates_only=True)
+        # per block, oldest first: (patch tokens N x L x D, prefix tokens N x P x D); the CLS token is prefix 0
+        feats = [prefix[:, 0] for _, prefix in blocks]
+        if self.avgpool_patch_tokens:
+            feats.append(blocks[-1][0].mean(dim=1))
+        return torch.cat(feats, dim=1)
+
+
+def _last_blocks_dim(backbone: nn.Module, arch: str, mode: dict, what: str) -> int:
+    """The feature dim of :class:`LastBlocksFeatures` on ``backbone``, or a ValueError saying why the architecture
+    has no such features and what to set instead (``what``: the key or file the mode came from)."""
+    n = mode["n_last_blocks"]
+    if isinstance(backbone, Xcit):
+        raise ValueError(f"{what} asks for the class tokens of the last {n} blocks of {arch}, but XCiT's "
+                         f"{len(backbone.blocks)} XCA blocks carry no class token (XCiT adds it only in the "
+                         f"class-attention blocks that follow them), and DINO's eval_linear evaluates XCiT on the "
+                         f"model's own output: set MODEL.FEATURES.N_LAST_BLOCKS 0 and AVGPOOL_PATCH_TOKENS False "
+                         f"(configs/eval/linear_dino_xcit.yaml)")
+    if not isinstance(backbone, VisionTransformer) or getattr(backbone, "cls_token", None) is None:
+        raise ValueError(f"{what} asks for the class tokens of the last {n} transformer blocks, but {arch} is not a "
+                         f"Vision Transformer with a class token (it has no such blocks): DINO's block features apply "
+                         f"to ViTs only; set MODEL.FEATURES.N_LAST_BLOCKS 0 and AVGPOOL_PATCH_TOKENS False to "
+                         f"evaluate {arch}'s pooled output")
+    if n > len(backbone.blocks):
+        raise ValueError(f"{what} asks for the last {n} blocks, but {arch} has {len(backbone.blocks)}: set "
+                         f"MODEL.FEATURES.N_LAST_BLOCKS between 1 and {len(backbone.blocks)} (DINO: 4 for ViT-S/16)")
+    return backbone.embed_dim * (n + int(mode["avgpool_patch_tokens"]))
+
+
+def _check_mode(mode: dict, what: str) -> None:
+    if mode["avgpool_patch_tokens"] and not mode["n_last_blocks"]:
+        raise ValueError(f"{what}: AVGPOOL_PATCH_TOKENS needs N_LAST_BLOCKS >= 1 (the mean patch token is appended "
+                         f"to DINO's CLS-token features)")
+
+
+def build_feature_extractor(backbone: nn.Module, arch: str, mode: Optional[dict] = None,
+                            what: str = "MODEL.FEATURES") -> Tuple[nn.Module, int]:
+    """``(extractor, D)``: the module whose ``forward(images)`` gives the N x D features an evaluator trains and
+    votes on, frozen like ``backbone``. ``mode`` (:func:`feature_mode`; None = :data:`POOLED`): ``n_last_blocks`` 0
+    is ``backbone`` itself (its pooled output, D = the registry's feature dim); ``n_last_blocks`` n >= 1 is
+    :class:`LastBlocksFeatures` (ViTs only: a clear error for a ResNet, a ConvNet or XCiT). ``what`` names the source
+    of ``mode`` in errors."""
+    mode = mode or POOLED
+    _check_mode(mode, what)
+    if not mode["n_last_blocks"]:
+        return backbone, get_spec(arch).feature_dim
+    dim = _last_blocks_dim(backbone, arch, mode, what)
+    return freeze(LastBlocksFeatures(backbone, mode["n_last_blocks"], mode["avgpool_patch_tokens"])), dim
+
+
+@lru_cache(maxsize=None)
+def _feature_dim(arch: str, n_last_blocks: int, avgpool_patch_tokens: bool, what: str) -> int:
+    mode = {"n_last_blocks": n_last_blocks, "avgpool_patch_tokens": avgpool_patch_tokens}
+    _check_mode(mode, what)
+    if not n_last_blocks:
+        return get_spec(arch).feature_dim
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no init cost, global RNG untouched
+        model = build_backbone(arch)
+    return _last_blocks_dim(model, arch, mode, what)
+
+
+def feature_dim_of(arch: str, mode: Optional[dict] = None, what: str = "MODEL.FEATURES") -> int:
+    """D of :func:`build_feature_extractor` for ``arch`` and ``mode`` without building weights (the same errors): to
+    check a classifier checkpoint against its backbone before anything is loaded. KeyError for an unknown arch."""
+    mode = mode or POOLED
+    return _feature_dim(arch, int(mode["n_last_blocks"]), bool(mode["avgpool_patch_tokens"]), what)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -96,11 +209,14 @@ def eval_transform_from_cfg(cfg: CfgNode):
 
 
 def train_transform(cfg: CfgNode):
-    """RandomResizedCrop + horizontal flip (MoCo's lincls), or the evaluation transform without augmentation."""
+    """RandomResizedCrop + horizontal flip (MoCo's and DINO's lincls), or the evaluation transform without
+    augmentation. The crop resamples with DATA.TRAIN_INTERPOLATION ("" = DATA.INTERPOLATION; DINO crops bilinear and
+    resizes bicubic for evaluation)."""
     d = cfg.DATA
     if not d.TRAIN_AUGMENT:
         return eval_transform_from_cfg(cfg)
-    return T.Compose([T.RandomResizedCrop(d.IMAGE_SIZE, interpolation=INTERPOLATIONS[d.INTERPOLATION]),
+    interpolation = INTERPOLATIONS[d.TRAIN_INTERPOLATION or d.INTERPOLATION]
+    return T.Compose([T.RandomResizedCrop(d.IMAGE_SIZE, interpolation=interpolation),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(d.MEAN, d.STD)])
 
 

@@ -19,6 +19,9 @@ _C.MODEL.ARCH = ""  # backbone name in pretrain.backbones.BACKBONES; "" = the on
 _C.MODEL.WEIGHTS = ""  # frozen backbone: our export, MoCo-v1/v2 .pth.tar, SwAV, DisCo-pytorch; "random" = untrained
 _C.MODEL.AMP_DTYPE = ""  # autocast dtype of the frozen backbone's forward: "" (fp32, the paper), bfloat16, float16
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format for the backbone (faster with AMP on GPUs)
+_C.MODEL.FEATURES = CN()  # what the evaluators read from the frozen backbone (transfer.common.build_feature_extractor)
+_C.MODEL.FEATURES.N_LAST_BLOCKS = 0  # 0: the pooled output; n: concat of the last n blocks' normed CLS (DINO ViT-S: 4)
+_C.MODEL.FEATURES.AVGPOOL_PATCH_TOKENS = False  # n >= 1: also the mean of the last block's normed patch tokens (ViT-B)
 
 _C.DATA = CN()
 _C.DATA.DATASET = "imagefolder"  # "imagefolder" (TRAIN_DIR / VAL_DIR), "cifar10" or "cifar100" (ROOT, python pickles)
@@ -32,6 +35,7 @@ _C.DATA.SUBSET_PER_CLASS = 0  # no list: a deterministic class-balanced PER_CLAS
 _C.DATA.IMAGE_SIZE = 224  # RandomResizedCrop size for training, centre-crop size for evaluation
 _C.DATA.VAL_RESIZE = 256  # evaluation: resize the shorter side to this, then centre-crop IMAGE_SIZE (CIFAR: 224)
 _C.DATA.INTERPOLATION = "bilinear"  # resize interpolation: bilinear (MoCo's lincls) or bicubic (CIFAR 32 -> 224)
+_C.DATA.TRAIN_INTERPOLATION = ""  # RandomResizedCrop's; "" = INTERPOLATION (DINO: bilinear crops, bicubic evaluation)
 _C.DATA.TRAIN_AUGMENT = True  # True: RandomResizedCrop + flip; False: the evaluation resize/crop (CIFAR protocol)
 _C.DATA.MEAN = (0.485, 0.456, 0.406)  # normalisation mean (RGB, 0-1)
 _C.DATA.STD = (0.229, 0.224, 0.225)  # normalisation std (RGB, 0-1)
@@ -102,6 +106,7 @@ def get_eval_cfg() -> CfgNode:
 # (key, allowed range, 0 or the number of values of a sequence key): every numeric key with a natural range
 VALUE_RANGES = (
     ("SEED", "[0, 4294967295]", 0),
+    ("MODEL.FEATURES.N_LAST_BLOCKS", ">= 0", 0),
     ("DATA.SUBSET_PERCENT", "[0, 100]", 0),
     ("DATA.SUBSET_PER_CLASS", ">= 0", 0),
     ("DATA.IMAGE_SIZE", ">= 1", 0),
@@ -148,6 +153,15 @@ def validate_eval_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"DATA.DATASET must be one of {DATASETS}, got {d.DATASET!r}")
     if d.INTERPOLATION not in ("bilinear", "bicubic"):
         raise ConfigError(f"DATA.INTERPOLATION must be 'bilinear' or 'bicubic', got {d.INTERPOLATION!r}")
+    if d.TRAIN_INTERPOLATION not in ("", "bilinear", "bicubic"):
+        raise ConfigError(f"DATA.TRAIN_INTERPOLATION must be '' (= DATA.INTERPOLATION), 'bilinear' or 'bicubic', got "
+                          f"{d.TRAIN_INTERPOLATION!r}")
+    f = cfg.MODEL.FEATURES
+    if f.AVGPOOL_PATCH_TOKENS and not f.N_LAST_BLOCKS:
+        raise ConfigError("MODEL.FEATURES.AVGPOOL_PATCH_TOKENS True needs MODEL.FEATURES.N_LAST_BLOCKS >= 1: the "
+                          "averaged patch tokens are appended to the CLS tokens of DINO's ViT features; set "
+                          "N_LAST_BLOCKS (DINO: 1 with the average for ViT-B, 4 without it for ViT-S) or clear "
+                          "AVGPOOL_PATCH_TOKENS")
     if s.SCHEDULER not in ("multistep", "cosine"):
         raise ConfigError(f"SOLVER.SCHEDULER must be 'multistep' or 'cosine', got {s.SCHEDULER!r}")
     if cfg.MODEL.AMP_DTYPE not in ("", "bfloat16", "float16"):

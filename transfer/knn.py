@@ -1,5 +1,7 @@
 """The offline kNN evaluator (``tools/eval_knn.py``): weighted kNN on L2-normalised frozen features, DINO's protocol.
 The algorithm and the feature extraction live in :mod:`pretrain.knn` (the pretrainer's online monitor uses them too).
+The features are ``MODEL.FEATURES``' (:func:`transfer.common.build_feature_extractor`): the pooled output by default,
+which for a ViT is the normed class token of the last block, what DINO's ``eval_knn.py`` uses for ViTs and XCiT.
 """
 import json
 import os
@@ -14,8 +16,8 @@ from pretrain.data import balanced_subset
 from pretrain.knn import extract_features, knn_accuracy
 from pretrain.precision import amp_dtype
 
-from .common import (TransformedDataset, build_datasets, dataset_name, end_run, eval_transform_from_cfg,
-                     load_backbone, start_run)
+from .common import (TransformedDataset, build_datasets, build_feature_extractor, dataset_name, end_run,
+                     eval_transform_from_cfg, feature_mode, load_backbone, start_run)
 from .config import setup_eval_cfg
 from .semi import SubsetView
 
@@ -49,7 +51,7 @@ def _knn(cfg) -> Dict:
     device = start_run(cfg, "kNN evaluation")
     rank = du.get_rank()
     backbone, info = load_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, cfg.SEED)
-    backbone.to(device)
+    features, dim = build_feature_extractor(backbone.to(device), info["arch"], feature_mode(cfg))
     train, val, subset = build_datasets(cfg, "kNN evaluation")
     if cfg.KNN.MAX_TRAIN_IMAGES:
         train = SubsetView(train, balanced_subset(train.targets, cfg.KNN.MAX_TRAIN_IMAGES, cfg.SEED))
@@ -57,14 +59,15 @@ def _knn(cfg) -> Dict:
     tf = eval_transform_from_cfg(cfg)
     kw = dict(device=device, batch_size=cfg.TEST.IMS_PER_BATCH, num_workers=cfg.DATA.NUM_WORKERS,
               amp_dtype=amp_dtype(cfg.MODEL.AMP_DTYPE), channels_last=cfg.MODEL.CHANNELS_LAST)
-    train_f = F.normalize(extract_features(backbone, TransformedDataset(train, tf), desc="train features", **kw), dim=1)
-    val_f = F.normalize(extract_features(backbone, TransformedDataset(val, tf), desc="val features", **kw), dim=1)
+    train_f = F.normalize(extract_features(features, TransformedDataset(train, tf), desc="train features", **kw), dim=1)
+    val_f = F.normalize(extract_features(features, TransformedDataset(val, tf), desc="val features", **kw), dim=1)
     results = {}
     if rank == 0:
         acc = knn_accuracy(train_f, torch.as_tensor(train.targets), val_f, torch.as_tensor(val.targets),
                            len(train.classes), cfg.KNN.K, cfg.KNN.TEMPERATURE)
         results = {"eval": "knn", "arch": info["arch"], "weights": info["weights"],
-                   "checkpoint_format": info["format"], "dataset": dataset_name(cfg), "subset": subset,
+                   "checkpoint_format": info["format"], "features": feature_mode(cfg), "feature_dim": dim,
+                   "dataset": dataset_name(cfg), "subset": subset,
                    "num_classes": len(train.classes), "train_images": len(train), "val_images": len(val),
                    "k": cfg.KNN.K, "temperature": cfg.KNN.TEMPERATURE, "top1": round(acc["top1"], 3),
                    "top5": round(acc["top5"], 3), "seconds": round(time.perf_counter() - t0, 3),

@@ -4,10 +4,18 @@ The backbone is loaded strictly, put in eval mode (BatchNorm running statistics 
 gradients; one ``nn.Linear`` on its pooled features (init N(0, 0.01), bias 0) is trained with SGD (momentum 0.9, no
 weight decay) under a multistep or cosine schedule, and top-1 / top-5 are measured on the validation split.
 
+Features (``MODEL.FEATURES``, :func:`transfer.common.build_feature_extractor`): the backbone's pooled output by
+default; for ViTs, DINO's linear protocol (``eval_linear.py``) instead concatenates the normed class tokens of the
+last ``N_LAST_BLOCKS`` blocks (DINO: 4 for ViT-S/16), optionally with the mean patch token of the last block
+(``AVGPOOL_PATCH_TOKENS``; DINO: with 1 block for ViT-B); the classifier's input dim follows. XCiT is evaluated on its
+own output, as DINO does (``configs/eval/linear_dino_vit.yaml``, ``linear_dino_xcit.yaml``). Classifier checkpoints
+record the feature mode and resume only under the same one.
+
 Fast path (``SOLVER.CACHE_FEATURES``, only when ``DATA.TRAIN_AUGMENT`` is off, as in the CIFAR protocol): the frozen
 features of every training and validation image are extracted once, and the classifier trains on them in exactly the
 order of the uncached path (the same seeded sampler cut into the same batches), so both give the same classifier up
-to floating-point summation order.
+to floating-point summation order. The cache is held in this process's memory only, extracted by this run's feature
+extractor (``MODEL.FEATURES`` included): it is never written to disk, so no other run or feature mode can reuse it.
 
 Runs are resumable (an atomic checkpoint of classifier, optimizer, scheduler, epoch and RNG after every epoch; a run
 always continues from the newest one in OUTPUT_DIR) and DDP-ready (each process takes its share of every batch; only
@@ -59,7 +67,7 @@ from torch.utils.data import DataLoader
 import yaml
 
 from pretrain import distributed as du
-from pretrain.backbones import build_backbone, get_spec
+from pretrain.backbones import build_backbone
 from pretrain.cfgdiff import check_resume, flatten, record_changes
 from pretrain.checkpoint import Checkpointer, load_strict, verify_checkpoint
 from pretrain.data import balanced_sample
@@ -71,8 +79,9 @@ from pretrain.precision import amp_dtype
 from pretrain.runlog import truncate_metrics
 from pretrain.safeload import load_torch
 
-from .common import (EpochSampler, TransformedDataset, build_datasets, dataset_name, eval_transform_from_cfg,
-                     end_run, freeze, load_backbone, start_run, topk_correct, train_transform)
+from .common import (POOLED, EpochSampler, TransformedDataset, build_datasets, build_feature_extractor, dataset_name,
+                     describe_features, end_run, eval_transform_from_cfg, feature_dim_of, feature_mode, freeze,
+                     load_backbone, start_run, topk_correct, train_transform)
 from .config import SAFE_ON_RESUME, CfgNode, setup_eval_cfg
 from .infoplane import info_plane_record
 
@@ -153,8 +162,9 @@ def _absent_keys(saved: dict, cfg: CfgNode) -> Tuple[str, ...]:
 
 
 class TeacherClassifier(nn.Module):
-    """The KD teacher: a frozen backbone and its own trained linear classifier; ``forward(images)`` -> logits. The
-    classifier runs in float32 outside autocast, as the student's does."""
+    """The KD teacher: a frozen backbone (its feature extractor, :func:`transfer.common.build_feature_extractor`) and
+    its own trained linear classifier; ``forward(images)`` -> logits. The classifier runs in float32 outside autocast,
+    as the student's does."""
 
     def __init__(self, backbone: nn.Module, fc: nn.Linear):
         super().__init__()
@@ -187,7 +197,9 @@ class LinearEvaluator:
         if cfg.MODEL.CHANNELS_LAST:
             self.backbone.to(memory_format=torch.channels_last)
         self.arch = self.info["arch"]
-        self.feature_dim = get_spec(self.arch).feature_dim
+        self.features_mode = feature_mode(cfg)
+        # what the classifier reads: self.backbone itself (pooled output) or DINO's ViT block features around it
+        self.features, self.feature_dim = build_feature_extractor(self.backbone, self.arch, self.features_mode)
         train, val, self.subset = build_datasets(cfg, "linear evaluation")
         self.train_set = TransformedDataset(train, train_transform(cfg), cfg.SEED)
         self.val_set = TransformedDataset(val, eval_transform_from_cfg(cfg), cfg.SEED)
@@ -208,9 +220,10 @@ class LinearEvaluator:
         self.cache: Optional[Dict[str, torch.Tensor]] = None  # split -> N x D frozen features (CACHE_FEATURES)
         self.cache_seconds = 0.0
         self.warnings: List[str] = []  # once-per-run warnings (loss explosion), kept in checkpoints and results.json
-        logger.info("linear evaluation of %s (%s, %s format) on %s%s: %d training / %d evaluation images, %d classes, "
-                    "%d processes x %d, %d epochs, lr %g (%s), %s", self.arch, self.info["weights"],
-                    self.info["format"], dataset_name(cfg), f" ({self.subset})" if self.subset else "", len(train),
+        logger.info("linear evaluation of %s (%s, %s format; features: %s, %d-d) on %s%s: %d training / %d evaluation "
+                    "images, %d classes, %d processes x %d, %d epochs, lr %g (%s), %s", self.arch,
+                    self.info["weights"], self.info["format"], describe_features(self.features_mode),
+                    self.feature_dim, dataset_name(cfg), f" ({self.subset})" if self.subset else "", len(train),
                     len(val), self.num_classes, self.world, self.local_batch, s.EPOCHS, s.BASE_LR, s.SCHEDULER,
                     "cached features" if s.CACHE_FEATURES else "backbone run on every batch")
         self.kd: Optional[dict] = None  # results.json "kd": the teacher and the KD settings; None = plain CE
@@ -239,15 +252,22 @@ class LinearEvaluator:
             raise FileNotFoundError(f"the KD teacher backbone {weights!r} does not exist ({source}): set "
                                     f"KD.TEACHER_WEIGHTS to the teacher backbone's file (the MODEL.WEIGHTS of the "
                                     f"teacher's linear evaluation)")
+        # the teacher's features are those its classifier was trained on (checkpoints before MODEL.FEATURES: pooled)
+        features = state.get("features") or POOLED
         try:
-            dim = get_spec(arch).feature_dim
+            dim = feature_dim_of(arch, features, f"KD.TEACHER_CLASSIFIER {file}")
         except KeyError as e:
             raise ValueError(f"KD.TEACHER_ARCH: {e.args[0]}") from None
+        except ValueError:  # the teacher's mode is its checkpoint's, so the fix is the architecture, not ours
+            raise ValueError(f"KD.TEACHER_CLASSIFIER {file} was trained on the {describe_features(features)} of "
+                             f"{state['arch']} (its MODEL.FEATURES {features}), which the teacher architecture "
+                             f"{arch} cannot give; clear KD.TEACHER_ARCH (the checkpoint's architecture is "
+                             f"used) or set it to that of the teacher's linear evaluation") from None
         if dim != state["feature_dim"]:
             raise ValueError(f"KD.TEACHER_CLASSIFIER {file} is a classifier on {state['feature_dim']}-d features of "
-                             f"{state['arch']}, but the teacher architecture {arch} has {dim}-d features: clear "
-                             f"KD.TEACHER_ARCH (the checkpoint's architecture is used) or set it to that of the "
-                             f"teacher's linear evaluation")
+                             f"{state['arch']} ({describe_features(features)}), but the teacher architecture {arch} "
+                             f"has {dim}-d features: clear KD.TEACHER_ARCH (the checkpoint's architecture is used) or "
+                             f"set it to that of the teacher's linear evaluation")
         if k.TEACHER_WEIGHTS and os.path.abspath(weights) != state["weights"] and weights != state["weights"]:
             logger.warning("KD: the teacher classifier %s was trained on the features of %s, now using %s "
                            "(KD.TEACHER_WEIGHTS)", file, state["weights"], weights)
@@ -256,13 +276,14 @@ class LinearEvaluator:
             logger.warning("KD: the teacher classifier %s is from epoch %s of %d: its linear evaluation has not "
                            "finished", file, state.get("epoch"), planned)
         self._teacher_src = {"state": state["classifier"], "file": file, "arch": arch, "weights": weights,
-                             "seed": saved.get("SEED", 0)}
+                             "seed": saved.get("SEED", 0), "features": features}
         self.kd = {"teacher_classifier": file, "teacher_classifier_epoch": state.get("epoch"),
                    "teacher_weights": weights if weights == "random" else os.path.abspath(weights),
                    "teacher_arch": arch, "alpha": k.ALPHA, "temperature": k.TEMPERATURE, "reduction": k.REDUCTION}
-        logger.info("knowledge distillation on: teacher %s (%s) with its linear classifier %s (epoch %s); loss = "
-                    "%g * T^2 * KL + %g * cross-entropy, T %g, KL reduction %s%s", arch, self.kd["teacher_weights"],
-                    file, state.get("epoch"), k.ALPHA, 1 - k.ALPHA, k.TEMPERATURE, k.REDUCTION,
+        logger.info("knowledge distillation on: teacher %s (%s; features: %s) with its linear classifier %s (epoch "
+                    "%s); loss = %g * T^2 * KL + %g * cross-entropy, T %g, KL reduction %s%s", arch,
+                    self.kd["teacher_weights"], describe_features(features), file, state.get("epoch"), k.ALPHA,
+                    1 - k.ALPHA, k.TEMPERATURE, k.REDUCTION,
                     " (the official kd_ce_loss.py: also averaged over the classes)" if k.REDUCTION == "mean"
                     else " (Hinton's KL)")
 
@@ -281,9 +302,11 @@ class LinearEvaluator:
                 backbone = build_backbone(ckpt.arch)
                 load_strict(backbone, ckpt.state_dict, f"KD teacher backbone {weights} ({ckpt.format} format, arch "
                                                        f"{ckpt.arch}; KD.TEACHER_WEIGHTS / KD.TEACHER_ARCH)")
-            fc = nn.Linear(get_spec(arch).feature_dim, self.num_classes)
+            features, dim = build_feature_extractor(freeze(backbone), arch, src["features"],
+                                                    f"KD.TEACHER_CLASSIFIER {src['file']}")
+            fc = nn.Linear(dim, self.num_classes)
         load_strict(fc, src["state"], f"the classifier of KD.TEACHER_CLASSIFIER {src['file']}")
-        teacher = freeze(TeacherClassifier(freeze(backbone), fc)).to(self.device)
+        teacher = freeze(TeacherClassifier(features, fc)).to(self.device)
         if self.cfg.MODEL.CHANNELS_LAST:
             teacher.to(memory_format=torch.channels_last)
         self.teacher = teacher
@@ -297,7 +320,8 @@ class LinearEvaluator:
         state = {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "rng": torch.get_rng_state(),
                  "arch": self.arch, "weights": self.info["weights"], "num_classes": self.num_classes,
-                 "feature_dim": self.feature_dim, "warnings": list(self.warnings), "cfg": self.cfg.dump()}
+                 "feature_dim": self.feature_dim, "features": dict(self.features_mode), "warnings": list(self.warnings),
+                 "cfg": self.cfg.dump()}
         if self.kd is not None:  # what the classifier was distilled from (the teacher itself is not saved)
             state["kd"] = dict(self.kd)
         return state
@@ -309,6 +333,12 @@ class LinearEvaluator:
                 raise FileNotFoundError(f"no readable classifier checkpoint in {self.checkpointer.dir}; train one "
                                         f"first (the same command without --eval-only / --resume)")
             return
+        their_features = state.get("features") or POOLED  # written before MODEL.FEATURES existed: pooled
+        if their_features != self.features_mode:
+            raise ValueError(f"{path} is a classifier on the {describe_features(their_features)} of {state['arch']} "
+                             f"(MODEL.FEATURES {their_features}), not on the {describe_features(self.features_mode)} "
+                             f"(MODEL.FEATURES {self.features_mode}): another feature mode is another run; use "
+                             f"another OUTPUT_DIR, or set MODEL.FEATURES as that run had it")
         theirs = (state["arch"], state["num_classes"], state["feature_dim"])
         if theirs != (self.arch, self.num_classes, self.feature_dim):
             raise ValueError(f"{path} is a classifier for {theirs[0]} ({theirs[2]}-d features, {theirs[1]} classes), "
@@ -343,7 +373,7 @@ class LinearEvaluator:
         kw = dict(device=self.device, batch_size=self.cfg.TEST.IMS_PER_BATCH, num_workers=self.cfg.DATA.NUM_WORKERS,
                   amp_dtype=self.amp_dtype, channels_last=self.cfg.MODEL.CHANNELS_LAST)
         datasets = {"train": self.train_set, "val": self.val_set}
-        self.cache = dict(self.cache or {}, **{s: extract_features(self.backbone, datasets[s], desc=f"{s} features",
+        self.cache = dict(self.cache or {}, **{s: extract_features(self.features, datasets[s], desc=f"{s} features",
                                                                    **kw) for s in splits})
         logger.info("cached the frozen features of %s in %.1f s", " and ".join(
             f"{len(datasets[s])} {s} images" for s in splits), time.perf_counter() - t)
@@ -369,7 +399,7 @@ class LinearEvaluator:
             data = torch.utils.data.Subset(TransformedDataset(self.train_set.base, eval_transform_from_cfg(cfg),
                                                               cfg.SEED), idx)
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
-                feats = extract_features(self.backbone, data, self.device, cfg.TEST.IMS_PER_BATCH,
+                feats = extract_features(self.features, data, self.device, cfg.TEST.IMS_PER_BATCH,
                                          cfg.DATA.NUM_WORKERS, self.amp_dtype, cfg.MODEL.CHANNELS_LAST,
                                          desc="information-plane features")
         self.info_plane = (feats, torch.as_tensor([targets[i] for i in idx]))
@@ -400,7 +430,7 @@ class LinearEvaluator:
         teacher_net = self._teacher_net() if self.kd is not None else None
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True)
-            feats = backbone_features(self.backbone, images, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
+            feats = backbone_features(self.features, images, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
             teacher = (backbone_features(teacher_net, images, self.amp_dtype, self.cfg.MODEL.CHANNELS_LAST)
                        if teacher_net is not None else None)
             yield feats, labels.to(self.device), teacher
@@ -474,7 +504,7 @@ class LinearEvaluator:
         else:
             loader = DataLoader(torch.utils.data.Subset(self.val_set, mine), batch_size=self.cfg.TEST.IMS_PER_BATCH,
                                 num_workers=self.cfg.DATA.NUM_WORKERS, pin_memory=self.device.type == "cuda")
-            batches = ((backbone_features(self.backbone, x.to(self.device), self.amp_dtype,
+            batches = ((backbone_features(self.features, x.to(self.device), self.amp_dtype,
                                           self.cfg.MODEL.CHANNELS_LAST), y) for x, y in loader)
         top1 = top5 = seen = 0
         with progress_bar(len(mine), "evaluate", unit="img") as bar:
@@ -552,7 +582,8 @@ class LinearEvaluator:
             "epochs": self.epoch, "top1": round(acc["top1"], 3), "top5": round(acc["top5"], 3),
             "lr": cfg.SOLVER.BASE_LR, "scheduler": cfg.SOLVER.SCHEDULER,
             "steps": list(cfg.SOLVER.STEPS) if cfg.SOLVER.SCHEDULER == "multistep" else [],
-            "gamma": cfg.SOLVER.GAMMA, "cached_features": bool(cfg.SOLVER.CACHE_FEATURES),
+            "gamma": cfg.SOLVER.GAMMA, "features": dict(self.features_mode), "feature_dim": self.feature_dim,
+            "cached_features": bool(cfg.SOLVER.CACHE_FEATURES),
             "cache_seconds": round(self.cache_seconds, 3), "kd": dict(self.kd) if self.kd else None,
             "warnings": list(self.warnings),
             "seconds": round(time.perf_counter() - self.t0, 3), "output_dir": os.path.abspath(cfg.OUTPUT_DIR),

@@ -1,5 +1,7 @@
 """t-SNE of frozen features (the paper's Figure 8): N classes of the evaluation split embedded in 2-D, one panel per
-model, written as a PNG (matplotlib, Agg backend; scikit-learn's ``TSNE`` with a fixed ``random_state``)."""
+model, written as a PNG (matplotlib, Agg backend; scikit-learn's ``TSNE`` with a fixed ``random_state``). Every
+model's features are ``MODEL.FEATURES``' (:func:`transfer.common.build_feature_extractor`; the pooled output by
+default, DINO's ViT block features on request, then for every panel)."""
 import json
 import logging
 import os
@@ -15,8 +17,8 @@ from pretrain import distributed as du
 from pretrain.knn import extract_features
 from pretrain.precision import amp_dtype
 
-from .common import (TransformedDataset, build_datasets, dataset_name, end_run, eval_transform_from_cfg,
-                     load_backbone, start_run)
+from .common import (TransformedDataset, build_datasets, build_feature_extractor, dataset_name, describe_features,
+                     end_run, eval_transform_from_cfg, feature_mode, load_backbone, start_run)
 from .config import setup_eval_cfg
 from .semi import SubsetView
 
@@ -94,8 +96,11 @@ def plot_tsne(panels: Sequence[Tuple[str, np.ndarray, np.ndarray]], class_names:
 
 
 def panel_title(info: dict) -> str:
-    """``efficientnet_b0 (disco)`` for our exports, ``resnet50 (moco checkpoint)`` otherwise."""
-    return f"{info['arch']} ({info.get('method') or info['format'] + ' checkpoint'})"
+    """``efficientnet_b0 (disco)`` for our exports, ``resnet50 (moco checkpoint)`` otherwise; DINO's ViT block
+    features (``info["features"]`` with ``n_last_blocks`` >= 1) add e.g. ``, CLS of the last 4 blocks (normed)``."""
+    features = info.get("features") or {}
+    extra = f", {describe_features(features)}" if features.get("n_last_blocks") else ""
+    return f"{info['arch']} ({info.get('method') or info['format'] + ' checkpoint'}{extra})"
 
 
 def run(args) -> dict:
@@ -127,16 +132,20 @@ def _tsne(cfg) -> dict:
         (w, cfg.TSNE.COMPARE_ARCHS[i] if i < len(cfg.TSNE.COMPARE_ARCHS) else "")
         for i, w in enumerate(cfg.TSNE.COMPARE_WEIGHTS)]
     panels, infos, arrays = [], [], {"labels": labels, "indices": np.asarray(idx)}
+    mode = feature_mode(cfg)
     for i, (weights, arch) in enumerate(models):
         backbone, info = load_backbone(weights, arch, cfg.SEED)
-        feats = extract_features(backbone.to(device), data, device, cfg.TEST.IMS_PER_BATCH, cfg.DATA.NUM_WORKERS,
+        info["features"] = mode
+        extractor, _ = build_feature_extractor(backbone.to(device), info["arch"], mode,
+                                               f"MODEL.FEATURES (for every t-SNE panel; this one: {weights})")
+        feats = extract_features(extractor, data, device, cfg.TEST.IMS_PER_BATCH, cfg.DATA.NUM_WORKERS,
                                  amp_dtype(cfg.MODEL.AMP_DTYPE), cfg.MODEL.CHANNELS_LAST,
                                  desc=f"features {i + 1}/{len(models)}")
         if rank != 0:
             continue
         emb = tsne_embed(feats, cfg.SEED, cfg.TSNE.PERPLEXITY)
         panels.append((panel_title(info), emb, labels))
-        infos.append({k: info[k] for k in ("arch", "format", "weights", "method")})
+        infos.append({k: info[k] for k in ("arch", "format", "weights", "method", "features")})
         arrays[f"embedding_{i}"] = emb
     if rank != 0:
         du.barrier()
