@@ -305,3 +305,67 @@ def test_trains_exports_the_teacher_and_resumes_bitwise(tmp_path, imagefolder, o
     meta = torch.load(exports["backbone"], weights_only=True)
     assert meta["method"] == "dino" and meta["arch"] == "vit_tiny_patch16_224" and meta["teacher"] is None
     assert meta["head"]["act"] == "gelu" and a["exported"] == "testbed.teacher"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINO + DisCo: both choices of the teacher's "final embedding"
+
+
+def _dino_teacher_checkpoint(path, seed=0):
+    """A DINO training checkpoint (main_dino.py's layout: student / teacher, backbone. / head.mlp. / head.last_layer.)
+    of a vit_tiny_patch16_224 with a GELU head 192 -> 32 -> 32 -> 16."""
+    import argparse
+
+    from pretrain.backbones import build_backbone
+    from pretrain.heads import build_head
+
+    torch.manual_seed(seed)
+    backbone, head = build_backbone("vit_tiny_patch16_224"), build_head(192, 32, 16, 3, act="gelu")
+    net = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    net.update({f"head.mlp.{k}": v for k, v in head.state_dict().items()})
+    net.update({"head.last_layer.weight_g": torch.ones(8, 1), "head.last_layer.weight_v": torch.randn(8, 16)})
+    torch.save({"student": {f"module.{k}": v for k, v in net.items()}, "teacher": net, "epoch": 1,
+                "args": argparse.Namespace(arch="vit_tiny", patch_size=16), "dino_loss": {"center": torch.zeros(1, 8)}},
+               path)
+    return backbone, head
+
+
+@pytest.mark.parametrize("embedding", ["head", "backbone"])
+def test_dino_plus_disco_distils_the_chosen_embedding(tmp_path, imagefolder, one_thread, embedding):
+    """LOSS.DISCO.EMBEDDING head: the student's bottleneck (16-d) onto the DINO teacher head's normalised bottleneck;
+    backbone: the student's pooled feature through a trained linear map onto the teacher's normalised CLS token
+    (192-d; a backbone-only file would do). Both train through the Trainer and the DisCo term is the definition's."""
+    import torch.nn.functional as F_
+
+    teacher_path = tmp_path / "dino_teacher.pth"
+    t_backbone, t_head = _dino_teacher_checkpoint(teacher_path)
+    if embedding == "backbone":  # the backbone-only release: a bare state dict in timm's keys
+        torch.save(t_backbone.state_dict(), tmp_path / "dino_backbone.pth")
+        teacher_path = tmp_path / "dino_backbone.pth"
+    opts = _dino_opts(**{"METHOD.DISTILLERS": "['disco']", "MODEL.TEACHER.ARCH": "vit_tiny_patch16_224",
+                         "MODEL.TEACHER.WEIGHTS": str(teacher_path), "LOSS.DISCO.EMBEDDING": embedding,
+                         "LOSS.DISCO.VIEWS": 2, "LOSS.DISCO.WEIGHT": 32.0, "MODEL.STUDENT.HEAD.OUT_DIM": 16,
+                         "SOLVER.EPOCHS": 1, "TRAIN.STOP_AT_ITER": 2, "TEST.TEACHER_HEALTH.IMAGES": 0})
+    trainer = Trainer(tiny_cfg(tmp_path / "run", imagefolder, **opts))
+    trainer.run()
+    method = trainer.model
+    disco = method.distillers["disco"]
+    assert disco.student_views == disco.teacher_views == (0, 1)
+    assert (disco.projector is not None) == (embedding == "backbone")
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"loss_disco"' in x]
+    assert len(recs) == 2 and all(r["loss_disco"] > 0 and r["loss_dino"] > 0 for r in recs)
+    # the term against its definition on two views of fresh images
+    method.eval()
+    x = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    with torch.no_grad():
+        targets = method.targets(x)
+        t_backbone.eval()
+        reference = t_backbone.forward_head(t_backbone.forward_features(x[0]), pre_logits=True)
+        target = F_.normalize(t_head(reference) if embedding == "head" else reference, dim=1)
+        torch.testing.assert_close(targets["distillers"]["disco"]["t"][0], target, atol=1e-5, rtol=1e-5)
+        out = method(x[0])
+        mine = (F_.normalize(disco.projector(out["features"]), dim=1) if embedding == "backbone"
+                else out["embedding"])
+        expected = 32.0 * (mine - target).pow(2).sum(1).mean()
+        got = method.losses(0, out, targets)["loss_disco"]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

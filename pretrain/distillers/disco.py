@@ -44,17 +44,23 @@ class DisCo(Distiller):
         # feature / ViT CLS token of the teacher, the student's through a learned linear map)
         cfg.LOSS.DISCO.EMBEDDING = "head"
         cfg.set_choices("LOSS.DISCO.EMBEDDING", ("head", "backbone"))
+        # the views distilled: 0 = every view (both MoCo-v2 views; every multi-crop view, as the official SwAV
+        # script); n = the first n (e.g. 2: the global crops only, the two views of the paper's eq. 1)
+        cfg.LOSS.DISCO.VIEWS = 0
 
     @staticmethod
     def check_config(cfg) -> None:
-        check_ranges(cfg, (("LOSS.DISCO.WEIGHT", ">= 0", 0),))
+        check_ranges(cfg, (("LOSS.DISCO.WEIGHT", ">= 0", 0), ("LOSS.DISCO.VIEWS", ">= 0", 0)))
+        if cfg.LOSS.DISCO.VIEWS > len(view_sizes(cfg)):
+            raise ValueError(f"LOSS.DISCO.VIEWS {cfg.LOSS.DISCO.VIEWS}: there are {len(view_sizes(cfg))} views; use "
+                             f"0 (all) or at most that many")
         if cfg.LOSS.DISCO.WEIGHT == 0 and cfg.METHOD.TESTBED == "none" and list(cfg.METHOD.DISTILLERS) == ["disco"]:
             raise ValueError("METHOD.TESTBED none with only the disco distiller and LOSS.DISCO.WEIGHT 0 trains nothing")
 
     @classmethod
     def from_config(cls, cfg, student, teacher) -> "DisCo":
         embedding = cfg.LOSS.DISCO.EMBEDDING
-        num_views = len(view_sizes(cfg))
+        num_views = cfg.LOSS.DISCO.VIEWS or len(view_sizes(cfg))
         if embedding == "backbone":
             return cls(cfg.LOSS.DISCO.WEIGHT, num_views, embedding, student.backbone_dim, teacher.backbone_dim)
         theirs, ours = teacher.out_dim, student.out_dim
