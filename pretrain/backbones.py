@@ -171,6 +171,12 @@ BACKBONES: Dict[str, BackboneSpec] = {
                                          "vit_tiny_patch16_224", notes="stages: all 12 blocks (stride 16)"),
     "xcit_tiny_12_p16_224": BackboneSpec(192, _timm("xcit_tiny_12_p16_224"), "xcit_tiny_12_p16_224",
                                          notes="stages: all 12 XCA blocks (stride 16)"),
+    # the CPU demo's ViT (DINO testbed at 32 px; not in the paper): timm's ViT at 4 blocks of width 96, 8-px patches
+    # (16 tokens per 32-px crop). No timm name: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+    # embed_dim=96, depth=4, num_heads=3, num_classes=0, checkpoint_path=EXPORT) loads an export
+    "vit_demo_patch8_32": BackboneSpec(96, _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=96,
+                                                 depth=4, num_heads=3, dynamic_img_size=True), "",
+                                       notes="demo ViT: 4 blocks, width 96, 0.46M params"),
     # teachers
     "resnet50": BackboneSpec(2048, _timm("resnet50", zero_init_last=False), "resnet50", notes=_TORCHVISION_INIT),
     "resnet101": BackboneSpec(2048, _timm("resnet101", zero_init_last=False), "resnet101", notes=_TORCHVISION_INIT),

@@ -62,6 +62,13 @@ EXCUSED = {
                                      [(".ci/run", "tools/local_slurm.sh install")]),
     "tools/local_slurm.sh start": ("starts the SLURM daemons as root; .ci/run runs it (the --slurm tests skip "
                                    "without it)", [(".ci/run", "tools/local_slurm.sh start")]),
+    "python tools/pretrain.py --config-file configs/pretrain/dino_disco/vits16_vit_tiny.yaml --num-gpus 8 "
+    "MODEL.TEACHER.WEIGHTS /path/to/dino_deitsmall16_pretrain_full_checkpoint.pth DATA.TRAIN_DIR ... "
+    "DATA.VAL_DIR ... OUTPUT_DIR runs/dino_disco_vits16_vit_tiny": (
+        "needs a DINO ViT-S training checkpoint with its head, which nothing here can stand in for without a DINO "
+        "run of its own; tests/test_dino.py trains DINO + DisCo through the Trainer from a DINO training checkpoint "
+        "in main_dino.py's layout (and from a backbone-only file), and test_config.py loads this config",
+        [("tests/test_dino.py", "def test_dino_plus_disco_distils_the_chosen_embedding")]),
     "python tools/compare_distillers.py --output-dir runs/compare LOSS.DISCO.WEIGHT 32 --seeds 0 1 2": (
         "24 pretraining runs (87 minutes, README); tests/test_compare_distillers.py runs the same tool through its "
         "command line at toy size (three rows, one seed, a tiny teacher)",

@@ -63,6 +63,9 @@ METHODS = {  # name: (pretraining config in configs/pretrain, what it is, the pa
     # Table 5 (the SwAV testbed) and Table 6 (DINO): not Table 2 rows; their paper numbers are other students'
     "swav": ("compare/quickstart_swav.yaml", "SwAV alone, no teacher (paper Table 5: Eff-b0 46.8)", None),
     "swav_disco": ("compare/quickstart_swav_disco.yaml", "SwAV + DisCo (paper Table 5: Eff-b0 62.4)", None),
+    "dino": ("compare/quickstart_dino.yaml", "DINO alone, demo ViT (paper Table 6: ViT-tiny 55)", None),
+    "dino_disco": ("compare/quickstart_dino_disco.yaml", "DINO + DisCo, demo ViT (paper Table 6: ViT-tiny 68.4)",
+                   None),
 }
 KD_ROWS = {  # name: (the student whose export is probed, KD.REDUCTION, what it is, the paper's value)
     "kd": ("mocov2", "mean", "KD: the MoCo-v2 student, probe with KD (official mean)", 51.5),
