@@ -70,6 +70,7 @@ def test_lr_and_weight_decay_schedules(tmp_path, imagefolder):
 
 
 def test_larc_through_the_config(tmp_path, imagefolder):
-    cfg = tiny_cfg(tmp_path, imagefolder, **{"SOLVER.OPTIMIZER": "larc", "SOLVER.LARC_TRUST": 0.002, "SOLVER.WEIGHT_DECAY": 1e-6})
+    cfg = tiny_cfg(tmp_path, imagefolder,
+                   **{"SOLVER.OPTIMIZER": "larc", "SOLVER.LARC_TRUST": 0.002, "SOLVER.WEIGHT_DECAY": 1e-6})
     opt = build_optimizer(cfg, nn.Linear(2, 2).named_parameters(), 0.6)
     assert isinstance(opt, LARC) and opt.trust == 0.002 and opt.param_groups[0]["lr"] == 0.6
