@@ -17,11 +17,11 @@ def train_step(model: torch.nn.Module, views, optimizer: torch.optim.Optimizer, 
     The targets (momentum update and keys, the teacher's outputs) come first, without gradients. Then each student
     forward group (``Method.student_groups``: each MoCo-v2 view alone, or all multi-crop views in one forward, the
     views of one size batched together) is forwarded and back-propagated on its own, so only one group's graph is
-    alive at a time (gradients add up to those of L; with DDP only the last backward all-reduces). Then the gradients are unscaled
-    (float16), each parameter's clipped to ``clip_grad`` (L2 norm, when > 0: DINO's per-parameter clipping) and
-    adjusted by the parts (frozen prototypes, ...). ``finite_check(losses)`` may raise before the step is taken;
-    the parts' ``after_step`` (enqueue, EMA, ...) runs after it. Returns ``loss`` and every ``loss_*`` term,
-    detached and summed over the groups.
+    alive at a time (gradients add up to those of L; with DDP only the last backward all-reduces). Then the
+    gradients are unscaled (float16), each parameter's clipped to ``clip_grad`` (L2 norm, when > 0: DINO's
+    per-parameter clipping) and adjusted by the parts (frozen prototypes, ...). ``finite_check(losses)`` may raise
+    before the step is taken; the parts' ``after_step`` (enqueue, EMA, ...) runs after it. Returns ``loss`` and every
+    ``loss_*`` term, detached and summed over the groups.
     """
     ddp = isinstance(model, DistributedDataParallel)
     method = model.module if ddp else model

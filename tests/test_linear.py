@@ -19,7 +19,8 @@ from transfer.config import setup_eval_cfg
 from transfer.linear import LinearEvaluator, lr_factor, summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHERS_ONLY = {"resnet101", "resnet152", "resnet50x2", "vit_small_patch16_224", "xcit_small_12_p16_224"}  # teachers; resnet50 stays in (paper Figure 8)
+# teachers; resnet50 stays in (paper Figure 8)
+TEACHERS_ONLY = {"resnet101", "resnet152", "resnet50x2", "vit_small_patch16_224", "xcit_small_12_p16_224"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
