@@ -369,3 +369,43 @@ def test_dino_plus_disco_distils_the_chosen_embedding(tmp_path, imagefolder, one
         expected = 32.0 * (mine - target).pow(2).sum(1).mean()
         got = method.losses(0, out, targets)["loss_disco"]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dino_disco_through_the_cli_resumes_bitwise_after_kill_9(tmp_path, imagefolder, teacher_export):
+    """tools/pretrain.py, DINO + DisCo (the demo-size student, a ResNet-18 export as the frozen teacher): killed at a
+    random iteration and resumed, it ends with exactly the uninterrupted run's state -- the EMA teacher, the centre,
+    the last layer, the student and AdamW's moments -- and exports the EMA teacher."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from conftest import iters_logged, kill_9_at
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    opts = {**_dino_opts(), "OUTPUT_DIR": None, "DATA.TRAIN_DIR": imagefolder / "train", "DATA.VAL_DIR": "",
+            "DATA.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.EPOCHS": 3, "TRAIN.LOG_PERIOD": 1,
+            "TRAIN.DETERMINISTIC": True, "TRAIN.CHECKPOINT_PERIOD": 3, "METHOD.DISTILLERS": "['disco']",
+            "MODEL.TEACHER.ARCH": "resnet18", "MODEL.TEACHER.WEIGHTS": teacher_export, "LOSS.DISCO.VIEWS": 2,
+            "MODEL.STUDENT.HEAD.OUT_DIM": 128, "TEST.TEACHER_HEALTH.IMAGES": 0}
+
+    def cmd(out, *extra):
+        return [sys.executable, os.path.join(root, "tools", "pretrain.py"), *extra,
+                *[str(x) for k, v in {**opts, "OUTPUT_DIR": out}.items() for x in (k, v)]]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    proc = subprocess.run(cmd(ref), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_9_at(cmd(out), out, random.Random(2).randint(5, 10), env)  # 12 iterations, checkpoints every 3
+    assert iters_logged(out) < 12
+    proc = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = Checkpointer(str(ref)).load_latest()[0], Checkpointer(str(out)).load_latest()[0]
+    assert a["iter"] == b["iter"] == 12 and a["exported"] == "testbed.teacher"
+    assert {"testbed.center", "testbed.teacher.head.0.weight", "testbed.last_layer.weight_v"} <= set(a["model"])
+    for key in ("model", "optimizer", "scheduler"):
+        assert_bitwise_equal(a[key], b[key], key)
+    recs = [json.loads(x) for x in open(ref / "metrics.jsonl") if '"loss_disco"' in x]
+    assert len(recs) == 12 and all(r["loss_disco"] > 0 and r["loss_dino"] > 0 for r in recs)
+    assert (out / "export" / "convnet_tiny.pth").is_file()
