@@ -75,9 +75,11 @@ def build_encoder(arch: str, hidden_dim: int, out_dim: int, num_layers: int = 2,
     :func:`pretrain.heads.build_head`). ``drop_path`` > 0: stochastic depth (timm's ``drop_path_rate``) for
     architectures that have residual blocks (timm ResNets, EfficientNets, ViT, XCiT)."""
     if drop_path > 0:
-        if not get_spec(arch).timm_arch or arch.startswith("convnet"):
-            raise ValueError(f"MODEL.STUDENT.DROP_PATH {drop_path}: {arch} has no stochastic depth; set it to 0")
-        backbone = get_spec(arch).build(drop_path_rate=drop_path)
+        try:
+            backbone = get_spec(arch).build(drop_path_rate=drop_path)
+        except TypeError as e:  # a builder without the argument (the demo convnets, SwAV's ResNet-50x2)
+            raise ValueError(f"MODEL.STUDENT.DROP_PATH {drop_path}: {arch} has no stochastic depth; set it to "
+                             f"0") from e
     else:
         backbone = build_backbone(arch)
     return Encoder(backbone, build_head(feature_dim(arch), hidden_dim, out_dim, num_layers, bn, act))

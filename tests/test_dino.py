@@ -263,12 +263,12 @@ def test_bad_configs_are_refused_naming_the_key(tmp_path, imagefolder, overrides
 
 
 def _vit_opts(**kw):
-    return _dino_opts(**{"MODEL.STUDENT.ARCH": "vit_tiny_patch16_224", "MODEL.STUDENT.DROP_PATH": 0.1,
+    return _dino_opts(**{"MODEL.STUDENT.ARCH": "vit_demo_patch8_32", "MODEL.STUDENT.DROP_PATH": 0.1,
                          "MODEL.STUDENT.HEAD.HIDDEN_DIM": 32, "TRAIN.CHECKPOINT_PERIOD": 100, **kw})
 
 
 def test_trains_exports_the_teacher_and_resumes_bitwise(tmp_path, imagefolder, one_thread):
-    """ViT-tiny (drop-path 0.1) with 2 x 32 px + 2 x 16 px crops, 64 images / batch 8 = 8 iterations per epoch, 2
+    """The demo ViT (timm's ViT, 4 blocks; drop-path 0.1) with 2 x 32 px + 2 x 16 px crops, 64 images / batch 8 = 8 iterations per epoch, 2
     epochs; an uninterrupted run against one stopped at iteration 11 (mid-epoch 1, after the last layer unfroze)
     and continued: every tensor of the method (student, last layer, EMA teacher, centre), the optimizer and the
     scheduler bitwise equal. The export is the EMA teacher and loads in the evaluators."""
@@ -303,7 +303,7 @@ def test_trains_exports_the_teacher_and_resumes_bitwise(tmp_path, imagefolder, o
             torch.testing.assert_close(backbone.eval()(x), teacher(x))
             assert not torch.allclose(backbone(x), student(x))
     meta = torch.load(exports["backbone"], weights_only=True)
-    assert meta["method"] == "dino" and meta["arch"] == "vit_tiny_patch16_224" and meta["teacher"] is None
+    assert meta["method"] == "dino" and meta["arch"] == "vit_demo_patch8_32" and meta["teacher"] is None
     assert meta["head"]["act"] == "gelu" and a["exported"] == "testbed.teacher"
 
 
@@ -409,3 +409,11 @@ def test_dino_disco_through_the_cli_resumes_bitwise_after_kill_9(tmp_path, image
     recs = [json.loads(x) for x in open(ref / "metrics.jsonl") if '"loss_disco"' in x]
     assert len(recs) == 12 and all(r["loss_disco"] > 0 and r["loss_dino"] > 0 for r in recs)
     assert (out / "export" / "convnet_tiny.pth").is_file()
+
+
+def test_drop_path_only_where_the_backbone_has_it():
+    from pretrain.encoder import build_encoder
+
+    assert build_encoder("vit_demo_patch8_32", 8, 8, drop_path=0.1).backbone.blocks[-1].drop_path1.drop_prob == 0.1
+    with pytest.raises(ValueError, match="convnet_tiny has no stochastic depth"):
+        build_encoder("convnet_tiny", 8, 8, drop_path=0.1)
