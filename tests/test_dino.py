@@ -414,6 +414,7 @@ def test_dino_disco_through_the_cli_resumes_bitwise_after_kill_9(tmp_path, image
 def test_drop_path_only_where_the_backbone_has_it():
     from pretrain.encoder import build_encoder
 
-    assert build_encoder("vit_demo_patch8_32", 8, 8, drop_path=0.1).backbone.blocks[-1].drop_path1.drop_prob == 0.1
+    assert build_encoder("vit_demo_patch8_32", 8, 8, drop_path=0.1).backbone.blocks[-1].drop_path1.drop_prob == \
+        pytest.approx(0.1)
     with pytest.raises(ValueError, match="convnet_tiny has no stochastic depth"):
         build_encoder("convnet_tiny", 8, 8, drop_path=0.1)
