@@ -78,7 +78,7 @@ def test_loader_yields_the_trainers_batches(tmp_path, imagefolder):
         for attr in ("batch_size", "num_workers", "pin_memory", "persistent_workers", "drop_last"):
             assert getattr(loader, attr) == getattr(ref, attr), attr
         assert type(loader.sampler) is type(ref.sampler) and type(loader.dataset) is type(ref.dataset)
-        assert repr(loader.dataset.transform) == repr(ref.dataset.transform)
+        assert repr(loader.dataset.transforms) == repr(ref.dataset.transforms)
         assert len(loader.dataset) == len(ref.dataset) and sampler.iters_per_epoch == trainer.iters_per_epoch
         for epoch, start in ((0, 0), (1, 2)):  # the first batch of an epoch and a resumed position
             trainer.sampler.set_epoch(epoch, start)
