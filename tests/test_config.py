@@ -81,9 +81,9 @@ def test_shipped_configs_load(path):
     from pretrain.backbones import BACKBONES
 
     assert cfg.MODEL.STUDENT.ARCH in BACKBONES and cfg.MODEL.TEACHER.ARCH in BACKBONES
-    if "disco" in cfg.METHOD.DISTILLERS:  # the teachers' embedding: MoCo / SwAV heads 128-d, DINO's bottleneck 256
-        assert cfg.MODEL.TEACHER.WEIGHTS and cfg.MODEL.STUDENT.HEAD.OUT_DIM == (
-            256 if cfg.METHOD.TESTBED == "dino" else 128)
+    if "disco" in cfg.METHOD.DISTILLERS:  # the teachers' embedding: MoCo / SwAV heads 128-d, DINO ViT-S / XCiT-S 256
+        dino_teacher = cfg.MODEL.TEACHER.ARCH in ("vit_small_patch16_224", "xcit_small_12_p16_224")
+        assert cfg.MODEL.TEACHER.WEIGHTS and cfg.MODEL.STUDENT.HEAD.OUT_DIM == (256 if dino_teacher else 128)
 
 
 def test_checkpoints_from_before_a_key_existed_resume_under_its_default():
