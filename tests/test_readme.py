@@ -69,6 +69,13 @@ EXCUSED = {
         "run of its own; tests/test_dino.py trains DINO + DisCo through the Trainer from a DINO training checkpoint "
         "in main_dino.py's layout (and from a backbone-only file), and test_config.py loads this config",
         [("tests/test_dino.py", "def test_dino_plus_disco_distils_the_chosen_embedding")]),
+    "python tools/compare_distillers.py --output-dir runs/study13/swav --teacher "
+    "runs/study/teacher/export/convnet_small.pth --seeds 0 1 2 --methods swav swav_disco": (
+        "six SwAV pretraining runs of the demo's size (54 minutes, docs/study.md); tests/test_compare_distillers.py "
+        "runs the same tool through its command line at toy size, and tests/test_swav.py trains both configs' "
+        "testbed and distiller through tools/pretrain.py",
+        [("tests/test_compare_distillers.py", '"compare_distillers.py"'),
+         ("tests/test_swav.py", "def test_swav_trains_through_the_cli_and_exports_for_timm")]),
     "python tools/compare_distillers.py --output-dir runs/compare LOSS.DISCO.WEIGHT 32 --seeds 0 1 2": (
         "24 pretraining runs (87 minutes, README); tests/test_compare_distillers.py runs the same tool through its "
         "command line at toy size (three rows, one seed, a tiny teacher)",
