@@ -214,8 +214,6 @@ def validate_cfg(cfg: CfgNode) -> None:
     if m.DISTILLERS and not cfg.MODEL.TEACHER.WEIGHTS:
         raise ConfigError(f"METHOD.DISTILLERS {list(m.DISTILLERS)} distil a frozen teacher: set "
                           f"MODEL.TEACHER.WEIGHTS to a teacher checkpoint (our export, MoCo-v1/v2 .pth.tar or SwAV), or use METHOD.DISTILLERS []")
-    if cfg.SOLVER.OPTIMIZER not in ("sgd", "larc", "adamw"):
-        raise ConfigError(f"SOLVER.OPTIMIZER must be 'sgd', 'larc' or 'adamw', got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.DATA.AUGMENTATION != "mocov2" and cfg.DATA.BACKEND == "dali":
         raise ConfigError(f"DATA.BACKEND dali draws the two MoCo-v2 views only; DATA.AUGMENTATION "
                           f"{cfg.DATA.AUGMENTATION} (multi-crop) needs DATA.BACKEND torchvision")

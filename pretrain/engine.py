@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .model import split_views
+from .model import size_batches, split_views
 
 
 def train_step(model: torch.nn.Module, views, optimizer: torch.optim.Optimizer, scaler=None, *,
@@ -31,7 +31,7 @@ def train_step(model: torch.nn.Module, views, optimizer: torch.optim.Optimizer, 
     for i, group in enumerate(method.student_groups):
         last = i == len(method.student_groups) - 1
         with model.no_sync() if ddp and not last else nullcontext():
-            images = size_batches([views[v] for v in group])
+            images = size_batches(views, group)
             with torch.autocast(views[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(images[0] if len(images) == 1 else images, method.student_maps)
             losses = method.group_losses(group, split_views(out, len(group)), targets)
@@ -52,20 +52,6 @@ def train_step(model: torch.nn.Module, views, optimizer: torch.optim.Optimizer, 
         optimizer.step()
     method.after_step(targets)
     return totals
-
-
-def size_batches(views):
-    """Consecutive views of one image size concatenated into one batch: the student's input for a forward group
-    (one tensor, or a list of them for crops of several sizes: :meth:`pretrain.encoder.Encoder.forward`)."""
-    batches, run = [], [views[0]]
-    for v in views[1:]:
-        if v.shape[1:] == run[-1].shape[1:]:
-            run.append(v)
-        else:
-            batches.append(run)
-            run = [v]
-    batches.append(run)
-    return [r[0] if len(r) == 1 else torch.cat(r) for r in batches]
 
 
 @torch.no_grad()

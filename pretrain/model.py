@@ -149,7 +149,7 @@ class Method(nn.Module):
                 outs = {v: self.teacher.embed(views[v], self.teacher_maps) for v in need}
             else:  # eval-mode BN is per-sample: one forward over all views of a size is exactly equivalent, and faster
                 outs = {}
-                for group in _same_size(views, need):
+                for group in size_runs(views, need):
                     joint = self.teacher.embed(torch.cat([views[v] for v in group]), self.teacher_maps)
                     outs.update({v: _chunk(joint, len(group), i) for i, v in enumerate(group)})
         return [_to_float(outs[v]) if v in outs else None for v in range(len(views))]
@@ -194,9 +194,8 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def after_step(self, targets: dict) -> None:
-        self.testbed.after_step(self.student, targets["testbed"])
-        for name, d in self.distillers.items():
-            d.after_step(self.student, targets["distillers"][name])
+        for part, part_targets in self._part_targets(targets):
+            part.after_step(self.student, part_targets)
 
 
 def _named(part, terms: Dict[str, torch.Tensor], seen: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -207,12 +206,22 @@ def _named(part, terms: Dict[str, torch.Tensor], seen: Dict[str, torch.Tensor]) 
     return terms
 
 
-def _same_size(views: Sequence[torch.Tensor], need: Sequence[int]) -> List[List[int]]:
-    """``need`` grouped by the views' image size (order kept): the views one joint forward can take."""
-    groups: Dict[tuple, List[int]] = {}
-    for v in need:
-        groups.setdefault(tuple(views[v].shape[1:]), []).append(v)
-    return list(groups.values())
+def size_runs(views: Sequence[torch.Tensor], indices: Sequence[int]) -> List[List[int]]:
+    """``indices`` cut into runs of consecutive views of one image size (order kept): the views one joint forward
+    can take as a single batch (the student's multi-crop input, the teacher's eval-mode forward)."""
+    runs: List[List[int]] = []
+    for v in indices:
+        if runs and views[v].shape[1:] == views[runs[-1][-1]].shape[1:]:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs
+
+
+def size_batches(views: Sequence[torch.Tensor], indices: Sequence[int]) -> List[torch.Tensor]:
+    """The views ``indices`` as the student's input of one forward group: each run of :func:`size_runs` as one
+    batch (one tensor per crop size: :meth:`pretrain.encoder.Encoder.forward` takes the list)."""
+    return [views[r[0]] if len(r) == 1 else torch.cat([views[v] for v in r]) for r in size_runs(views, indices)]
 
 
 def split_views(out: Dict[str, object], n: int) -> List[Dict[str, object]]:
